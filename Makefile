@@ -1,0 +1,22 @@
+# The two commands a fresh clone needs: `make train` and `make test` (both create .venv when missing).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test ui lint bench
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+train: $(STAMP)  ## train the offline demo (digits) into the local MLflow store
+	$(PY) tools/train_net.py --config-file config/digits.yaml
+
+test: $(STAMP)  ## lint, then the whole test suite
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000}
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh tools/mlflow_ui.sh

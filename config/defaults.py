@@ -1,0 +1,87 @@
+"""Every configuration key, with its default and meaning. No other file adds keys.
+
+Keys kept from the Lightning template users port their configs from: SEED, TRAIN.*, MLFLOW.EXPERIMENT_NAME
+and DATA.* with the same names and meanings.
+"""
+
+from pathlib import Path
+
+from yacs.config import CfgNode as CN
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]
+
+_C = CN()
+_C.SEED = 42  # seeds model init, data split, shuffling and augmentation (keyed by seed, epoch, sample)
+_C.OUTPUT_DIR = ""  # checkpoints, log.txt, config.yaml; empty = <repo>/output/<timestamp>
+
+_C.TRAIN = CN()
+_C.TRAIN.BATCH_SIZE = 128  # global batch: the sum over all devices and processes
+_C.TRAIN.DISTRIBUTED_BACKEND = "dp"  # dp (one process, nn.DataParallel), ddp (torchrun), none
+_C.TRAIN.GPUS = -1  # -1 = all visible GPUs (CPU when there is no CUDA), 0 = CPU, N = the first N GPUs
+_C.TRAIN.LR = 0.01  # base learning rate
+_C.TRAIN.MAX_EPOCHS = 2  # number of passes over the training split
+_C.TRAIN.MODEL_TYPE = "simple_cnn"  # a name in networks.MODEL_REGISTRY: simple_cnn, resnet18
+_C.TRAIN.MOMENTUM = 0.9  # SGD momentum; Adam/AdamW use it as beta1
+_C.TRAIN.OPTIMIZER_TYPE = "sgd"  # sgd, adam, adamw
+_C.TRAIN.WEIGHT_DECAY = 0.0  # L2 penalty (decoupled for adamw)
+# LR schedule. Every schedule is applied per iteration; step_lr and multistep change the LR only at
+# epoch boundaries (as a per-epoch StepLR would), cosine decays smoothly every iteration.
+_C.TRAIN.SCHEDULER_TYPE = "step_lr"  # step_lr, multistep, cosine, constant
+_C.TRAIN.STEP_SIZE = 5  # step_lr: multiply the LR by GAMMA every STEP_SIZE epochs
+_C.TRAIN.GAMMA = 0.1  # step_lr / multistep decay factor
+_C.TRAIN.MILESTONES = []  # multistep: epochs at which the LR is multiplied by GAMMA
+_C.TRAIN.WARMUP_EPOCHS = 0.0  # linear warmup from 0 to LR over this many epochs (per iteration); 0 = off
+_C.TRAIN.AMP = False  # CUDA only: fp16 autocast + GradScaler; ignored (with a log line) on the CPU
+_C.TRAIN.CLIP_GRAD_NORM = 0.0  # clip the global gradient norm to this value; 0 = off
+_C.TRAIN.ACCUM_STEPS = 1  # gradient accumulation: batches per optimizer step; 1 = off
+# Deterministic kernels and cuDNN settings so a run (and a resumed run) gives the same bits.
+# On CUDA this can cost speed (no cuDNN autotuning, deterministic algorithms); the CPU pays nothing.
+_C.TRAIN.DETERMINISTIC = True
+_C.TRAIN.SYNC_BN = False  # ddp only: convert BatchNorm layers to SyncBatchNorm
+_C.TRAIN.CHANNELS_LAST = False  # CUDA: channels_last memory format for model and batches
+
+_C.DATA = CN()
+_C.DATA.CACHE_DIR = str(REPO_ROOT / ".data")  # where datasets are downloaded to and read from
+_C.DATA.CLASSES = list(CIFAR10_CLASSES)  # class names; their number must match the dataset
+_C.DATA.DATASET_TYPE = "cifar10"  # cifar10 (also spelled cifer10), digits, image_folder, synthetic
+_C.DATA.INPUT_DIM = 3  # image channels fed to the model (digits are repeated to this many)
+_C.DATA.NUM_WORKERS = 2  # DataLoader workers for folder data (capped at the CPU count)
+# Applied in this order to whole batches on the training device. Random ones (random_crop with padding
+# 4, random_horizontal_flip) act on training batches only. to_tensor scales uint8 to [0, 1];
+# normalize uses the dataset's per-channel mean and std.
+_C.DATA.TRANSFORM_LIST = ["to_tensor", "normalize"]
+_C.DATA.VALIDATION_SIZE = 0.25  # fraction of the training files held out for validation, in (0, 1)
+_C.DATA.ROOT = ""  # image_folder: folder holding train/ and val/ (ImageFolder layout)
+_C.DATA.IMAGE_SIZE = 32  # image_folder / synthetic: images are resized to IMAGE_SIZE x IMAGE_SIZE
+_C.DATA.SYNTHETIC_SIZE = 2048  # synthetic: number of images (train + val)
+
+_C.MODEL = CN()
+_C.MODEL.WEIGHTS = ""  # a model_final.pth or checkpoint to start from (or to evaluate with --eval-only)
+
+_C.MLFLOW = CN()
+_C.MLFLOW.EXPERIMENT_NAME = "Default"  # created on first use
+# Empty = the MLFLOW_TRACKING_URI environment variable, else the project's local store
+# (sqlite:///<repo>/mlruns/mlflow.db with artifacts in <repo>/mlruns/artifacts).
+_C.MLFLOW.TRACKING_URI = ""
+_C.MLFLOW.RUN_NAME = ""  # empty = MLflow picks a name
+
+_C.LOG = CN()
+_C.LOG.PERIOD = 20  # iterations between metric writes and console lines (every step's loss is logged)
+_C.LOG.PROGRESS_BAR = True  # tqdm bar on the terminal (never written to log.txt)
+
+_C.EVAL = CN()
+_C.EVAL.PERIOD = 1  # evaluate on the validation split every PERIOD epochs (and after the last); 0 = end only
+_C.EVAL.SPLIT = "val"  # split used by --eval-only: val, or test where the dataset has one
+
+_C.CHECKPOINT = CN()
+_C.CHECKPOINT.PERIOD = 0  # iterations between checkpoints, besides one at every epoch end; 0 = epoch ends only
+_C.CHECKPOINT.KEEP = 3  # newest periodic checkpoints kept (model_best.pth and model_final.pth are extra)
+
+
+def get_default_config() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()

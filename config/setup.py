@@ -1,0 +1,173 @@
+"""Build the run's configuration: defaults -> YAML file -> command-line KEY VALUE pairs -> validate -> freeze.
+
+Every mistake a user can make here is raised as one ``ConfigError`` whose message names the bad key or
+value and the fix; ``tools/train_net.py`` prints it as a single line.
+"""
+
+import ast
+import difflib
+from pathlib import Path
+
+import yaml
+from yacs.config import CfgNode
+
+from config.defaults import get_default_config
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration or command line (printed as one line, no traceback)."""
+
+
+def load_config(config_file: str | None = None, opts: list[str] | None = None) -> CfgNode:
+    """Return the frozen, validated configuration for a run."""
+    cfg = get_default_config()
+    if config_file:
+        merge_yaml_file(cfg, config_file)
+    if opts:
+        merge_opts(cfg, opts)
+    validate_config(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def setup_config(args) -> CfgNode:
+    """``load_config`` from parsed command-line arguments (``config_file`` and ``opts``)."""
+    return load_config(args.config_file, list(args.opts or []))
+
+
+def merge_yaml_file(cfg: CfgNode, path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. config/digits.yaml)")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"malformed YAML in {path}{line}: {getattr(error, 'problem', error)}") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    _merge_mapping(cfg, data, prefix="", source=path)
+
+
+def merge_opts(cfg: CfgNode, opts: list[str]) -> None:
+    if len(opts) % 2:
+        raise ConfigError(f"command-line overrides come in KEY VALUE pairs; '{opts[-1]}' has no value")
+    for key, text in zip(opts[0::2], opts[1::2], strict=True):
+        node, leaf = _find_parent(cfg, key)
+        # A string key takes the text as typed (so OUTPUT_DIR 007 stays "007").
+        value = text if isinstance(node[leaf], str) else _parse_literal(text)
+        node[leaf] = _coerce(key, node[leaf], value)
+
+
+def validate_config(cfg: CfgNode) -> None:
+    """Range checks the types alone cannot express."""
+    checks = [
+        ("TRAIN.BATCH_SIZE", cfg.TRAIN.BATCH_SIZE >= 1, "a positive integer"),
+        ("TRAIN.MAX_EPOCHS", cfg.TRAIN.MAX_EPOCHS >= 1, "a positive integer"),
+        ("TRAIN.LR", cfg.TRAIN.LR > 0, "a positive number"),
+        ("TRAIN.MOMENTUM", 0 <= cfg.TRAIN.MOMENTUM < 1, "in [0, 1)"),
+        ("TRAIN.WEIGHT_DECAY", cfg.TRAIN.WEIGHT_DECAY >= 0, "zero or positive"),
+        ("TRAIN.STEP_SIZE", cfg.TRAIN.STEP_SIZE >= 1, "a positive number of epochs"),
+        ("TRAIN.GAMMA", cfg.TRAIN.GAMMA > 0, "a positive number"),
+        ("TRAIN.MILESTONES", all(isinstance(m, int) and m >= 1 for m in cfg.TRAIN.MILESTONES),
+         "a list of positive epoch numbers"),
+        ("TRAIN.WARMUP_EPOCHS", cfg.TRAIN.WARMUP_EPOCHS >= 0, "zero (off) or positive"),
+        ("TRAIN.CLIP_GRAD_NORM", cfg.TRAIN.CLIP_GRAD_NORM >= 0, "zero (off) or positive"),
+        ("TRAIN.ACCUM_STEPS", cfg.TRAIN.ACCUM_STEPS >= 1, "a positive integer (1 = off)"),
+        ("TRAIN.GPUS", cfg.TRAIN.GPUS >= -1, "-1 (all visible), 0 (CPU) or a positive count"),
+        ("TRAIN.DISTRIBUTED_BACKEND", cfg.TRAIN.DISTRIBUTED_BACKEND in ("dp", "ddp", "none"),
+         "one of dp, ddp, none"),
+        ("DATA.VALIDATION_SIZE", 0 < cfg.DATA.VALIDATION_SIZE < 1, "strictly between 0 and 1"),
+        ("DATA.INPUT_DIM", cfg.DATA.INPUT_DIM >= 1, "a positive number of channels"),
+        ("DATA.CLASSES", len(cfg.DATA.CLASSES) >= 2, "a list of at least two class names"),
+        ("DATA.NUM_WORKERS", cfg.DATA.NUM_WORKERS >= 0, "zero or positive"),
+        ("DATA.IMAGE_SIZE", cfg.DATA.IMAGE_SIZE >= 8, "at least 8 pixels"),
+        ("DATA.SYNTHETIC_SIZE", cfg.DATA.SYNTHETIC_SIZE >= 2, "at least 2 images"),
+        ("LOG.PERIOD", cfg.LOG.PERIOD >= 1, "a positive number of iterations"),
+        ("EVAL.PERIOD", cfg.EVAL.PERIOD >= 0, "zero (end only) or a positive number of epochs"),
+        ("EVAL.SPLIT", cfg.EVAL.SPLIT in ("val", "test"), "val or test"),
+        ("CHECKPOINT.PERIOD", cfg.CHECKPOINT.PERIOD >= 0, "zero (epoch ends only) or positive"),
+        ("CHECKPOINT.KEEP", cfg.CHECKPOINT.KEEP >= 1, "a positive integer"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {_lookup(cfg, key)!r}")
+
+
+def flatten_config(cfg: CfgNode, prefix: str = "") -> dict[str, object]:
+    """``{"TRAIN.LR": 0.01, ...}``: the form logged as MLflow params."""
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, CfgNode):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _merge_mapping(cfg: CfgNode, data: dict, prefix: str, source: str) -> None:
+    for key, value in data.items():
+        full_key = f"{prefix}{key}"
+        if key not in cfg:
+            raise ConfigError(_unknown_key_message(cfg, full_key, key, prefix) + f" (in {source})")
+        if isinstance(cfg[key], CfgNode):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full_key} is a section and needs nested keys, got {value!r} (in {source})")
+            _merge_mapping(cfg[key], value, prefix=f"{full_key}.", source=source)
+        else:
+            cfg[key] = _coerce(full_key, cfg[key], value)
+
+
+def _find_parent(cfg: CfgNode, full_key: str) -> tuple[CfgNode, str]:
+    node, prefix = cfg, ""
+    *parents, leaf = full_key.split(".")
+    for part in parents:
+        if part not in node or not isinstance(node[part], CfgNode):
+            raise ConfigError(_unknown_key_message(node, full_key, part, prefix))
+        node, prefix = node[part], f"{prefix}{part}."
+    if leaf not in node:
+        raise ConfigError(_unknown_key_message(node, full_key, leaf, prefix))
+    if isinstance(node[leaf], CfgNode):
+        raise ConfigError(f"{full_key} is a section; set one of its keys, e.g. {full_key}.{next(iter(node[leaf]))}")
+    return node, leaf
+
+
+def _unknown_key_message(node: CfgNode, full_key: str, part: str, prefix: str) -> str:
+    close = difflib.get_close_matches(part, list(node.keys()), n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else "; every key is listed in config/defaults.py"
+    return f"unknown config key {full_key}{hint}"
+
+
+def _parse_literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as sgd or a path
+
+
+def _coerce(key: str, default, value):
+    """Return ``value`` converted to the type of the default, or raise a ConfigError naming both."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        if type(default) is type(value):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(default, int) and isinstance(value, int):
+        return value
+    elif isinstance(default, str) and isinstance(value, (str, int, float)):
+        return str(value)
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(value)
+    expected = type(default).__name__
+    raise ConfigError(f"{key} must be of type {expected} (like {default!r}), got {value!r} ({type(value).__name__})")
+
+
+def _lookup(cfg: CfgNode, full_key: str):
+    node = cfg
+    for part in full_key.split("."):
+        node = node[part]
+    return node

@@ -1,0 +1,34 @@
+"""Dataset registry: ``DATA.DATASET_TYPE`` picks a builder ``cfg -> DatasetSplits``.
+
+Adding a dataset is one new file with a ``build_<name>(cfg)`` function plus one entry below.
+This package shares its name with the Hugging Face ``datasets`` library; see ``tests/test_datasets_name.py``.
+"""
+
+from datasets.base import DatasetError, DatasetSplits, TensorSplit
+from datasets.cifar10 import build_cifar10
+from datasets.digits import build_digits
+from datasets.image_folder import build_image_folder
+from datasets.synthetic import build_synthetic
+
+DATASET_REGISTRY = {
+    "cifar10": build_cifar10,
+    "digits": build_digits,
+    "image_folder": build_image_folder,
+    "synthetic": build_synthetic,
+}
+ALIASES = {"cifer10": "cifar10"}  # the Lightning template's spelling
+
+
+def build_datasets(cfg) -> DatasetSplits:
+    name = ALIASES.get(cfg.DATA.DATASET_TYPE, cfg.DATA.DATASET_TYPE)
+    if name not in DATASET_REGISTRY:
+        raise DatasetError(f"unknown DATA.DATASET_TYPE '{cfg.DATA.DATASET_TYPE}'; "
+                           f"choose one of {', '.join(sorted(DATASET_REGISTRY))}")
+    splits = DATASET_REGISTRY[name](cfg)
+    if splits.num_classes != len(cfg.DATA.CLASSES):
+        raise DatasetError(f"the {name} dataset has {splits.num_classes} classes but DATA.CLASSES names "
+                           f"{len(cfg.DATA.CLASSES)}; list {splits.num_classes} class names in DATA.CLASSES")
+    return splits
+
+
+__all__ = ["DATASET_REGISTRY", "DatasetError", "DatasetSplits", "TensorSplit", "build_datasets"]

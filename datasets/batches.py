@@ -1,0 +1,130 @@
+"""Batch sources: what the trainer and the evaluator iterate over.
+
+Both sources follow one plan per epoch: a permutation seeded by ``(SEED, epoch)`` cut into global
+batches of ``batch_size``; a process of rank ``r`` among ``world_size`` takes the r-th part of every global
+batch. One process therefore sees exactly the batches that N processes see together, and a resumed run
+can start in the middle of an epoch by skipping ``start`` batches.
+
+Each yielded ``Batch`` holds transformed float images and labels on the training device.
+"""
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datasets.base import TensorSplit
+from datasets.transforms import BatchTransform
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float [B, C, H, W] on the device
+    labels: torch.Tensor  # int64 [B] on the device
+    global_size: int  # samples in the whole global batch (all ranks), for exact loss averaging
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(num_samples)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+class _BatchSource:
+    def __init__(self, num_samples, batch_size, transform, device, shuffle, seed, rank=0, world_size=1):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.transform, self.device = transform, torch.device(device)
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        """Global batches per epoch (the last one may be smaller)."""
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def global_batch_size(self, index: int) -> int:
+        """Samples in global batch ``index`` of an epoch (every batch is full but possibly the last)."""
+        return min(self.batch_size, self.num_samples - index * self.batch_size)
+
+    def _plan(self, epoch: int, start: int, device) -> Iterator[tuple[torch.Tensor, int]]:
+        order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle).to(device)
+        for global_batch in order.split(self.batch_size)[start:]:
+            yield global_batch.tensor_split(self.world_size)[self.rank], len(global_batch)
+
+
+class InMemoryBatches(_BatchSource):
+    """A split held as one uint8 tensor on the device, indexed and transformed a whole batch at a time."""
+
+    def __init__(self, split: TensorSplit, batch_size: int, transform: BatchTransform, device, shuffle: bool,
+                 seed: int, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(len(split), batch_size, transform, device, shuffle, seed, rank, world_size)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        for local, global_size in self._plan(epoch, start, self.device):
+            images = self.transform(self.images[local], local, epoch)
+            yield Batch(images.contiguous(memory_format=self.memory_format), self.labels[local], global_size)
+
+
+class _Indexed(Dataset):
+    """Adds the sample index to each item, for per-sample random transforms on the device."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class _PlannedBatches:
+    """A batch sampler that replays the current epoch's plan; the DataLoader re-reads it every epoch."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class LoaderBatches(_BatchSource):
+    """A folder dataset decoded by DataLoader workers, then moved to the device and transformed in batches."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, transform: BatchTransform, device, shuffle: bool,
+                 seed: int, num_workers: int, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size)
+        self.planned = _PlannedBatches()
+        workers = min(num_workers, os.cpu_count() or 1)
+        self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        plan = list(self._plan(epoch, start, "cpu"))
+        self.planned.batches = [local.tolist() for local, _ in plan]
+        for (images, labels, indices), (_, global_size) in zip(self.loader, plan, strict=True):
+            images = images.to(self.device, non_blocking=True)
+            indices = indices.to(self.device, non_blocking=True)
+            images = self.transform(images, indices, epoch)
+            yield Batch(images.contiguous(memory_format=self.memory_format),
+                        labels.to(self.device, non_blocking=True), global_size)
+
+
+def build_batches(split, batch_size: int, transform: BatchTransform, device, shuffle: bool, seed: int,
+                  num_workers: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+    """The right source for ``split``: in memory for a ``TensorSplit``, a DataLoader for anything else."""
+    if isinstance(split, TensorSplit):
+        return InMemoryBatches(split, batch_size, transform, device, shuffle, seed, rank, world_size, channels_last)
+    return LoaderBatches(split, batch_size, transform, device, shuffle, seed, num_workers, rank, world_size,
+                         channels_last)

@@ -1,0 +1,114 @@
+"""Transforms applied to whole batches on the training device.
+
+Images arrive as uint8 ``[B, C, H, W]`` tensors together with their sample indices and the epoch.
+Random transforms draw from a hash of ``(seed, epoch, sample index)`` instead of a global random stream,
+so the same sample gets the same crop and flip in a resumed run and in any number of processes.
+"""
+
+import torch
+
+from config import ConfigError
+
+PAD = 4  # random_crop padding, as in the usual CIFAR recipe
+
+_MASK31 = (1 << 31) - 1
+
+
+def sample_hash(indices: torch.Tensor, seed: int, epoch: int, salt: int) -> torch.Tensor:
+    """Deterministic pseudo-random int64 values in [0, 2**31) per sample, on the indices' device.
+
+    Every intermediate stays below 2**62, so the integer arithmetic never overflows and CPU and CUDA
+    give identical values.
+    """
+    x = (indices.to(torch.int64) * 1103515245 + (seed * 1000003 + epoch * 7919 + salt * 104729)) & _MASK31
+    for multiplier in (1664525, 22695477, 1103515245):
+        x = ((x ^ (x >> 15)) * multiplier + 12345) & _MASK31
+    return x
+
+
+class ToTensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+
+    random = False
+
+    def __call__(self, images, indices, epoch):
+        return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+class Normalize:
+    random = False
+
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+        self._cache = {}
+
+    def __call__(self, images, indices, epoch):
+        images = ToTensor()(images, indices, epoch)  # forgiving when to_tensor was left out of the list
+        key = (images.device, images.dtype)
+        if key not in self._cache:  # built once per device, not every step
+            shape = (1, -1, 1, 1)
+            self._cache[key] = (torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(shape),
+                                torch.tensor(self.std, device=images.device, dtype=images.dtype).view(shape))
+        mean, std = self._cache[key]
+        return (images - mean) / std
+
+
+class RandomCrop:
+    """Zero-pad by ``PAD`` pixels and crop back to the original size at a per-sample offset."""
+
+    random = True
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, images, indices, epoch):
+        batch, _, height, width = images.shape
+        padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+        draws = sample_hash(indices, self.seed, epoch, salt=1)
+        offset_y = draws % (2 * PAD + 1)
+        offset_x = (draws // (2 * PAD + 1)) % (2 * PAD + 1)
+        rows = (offset_y[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+        cols = (offset_x[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
+        channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        return padded[torch.arange(batch, device=images.device)[:, None, None, None], channels, rows, cols]
+
+
+class RandomHorizontalFlip:
+    random = True
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, images, indices, epoch):
+        flip = (sample_hash(indices, self.seed, epoch, salt=2) % 2).bool().view(-1, 1, 1, 1)
+        return torch.where(flip, images.flip(3), images)
+
+
+class BatchTransform:
+    """The ordered list of transforms for one split (random ones dropped for evaluation)."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        for step in self.steps:
+            images = step(images, indices, epoch)
+        return images.float() if images.dtype == torch.uint8 else images
+
+
+TRANSFORM_REGISTRY = {
+    "to_tensor": lambda mean, std, seed: ToTensor(),
+    "normalize": lambda mean, std, seed: Normalize(mean, std),
+    "random_crop": lambda mean, std, seed: RandomCrop(seed),
+    "random_horizontal_flip": lambda mean, std, seed: RandomHorizontalFlip(seed),
+}
+
+
+def build_transform(names, mean, std, seed: int, train: bool) -> BatchTransform:
+    """Build the batch transform named by ``DATA.TRANSFORM_LIST``; evaluation keeps only deterministic steps."""
+    unknown = [name for name in names if name not in TRANSFORM_REGISTRY]
+    if unknown:
+        raise ConfigError(f"unknown transform {unknown[0]!r} in DATA.TRANSFORM_LIST; "
+                         f"choose from {', '.join(TRANSFORM_REGISTRY)}")
+    steps = [TRANSFORM_REGISTRY[name](mean, std, seed) for name in names]
+    return BatchTransform(step for step in steps if train or not step.random)

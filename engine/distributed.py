@@ -1,0 +1,58 @@
+"""Devices and processes: which device a run uses, rank/world helpers, and model wrapping."""
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from config import ConfigError
+
+logger = logging.getLogger("engine")
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def select_device(gpus: int, backend: str) -> tuple[torch.device, int]:
+    """Return the device of this process and the number of GPUs it drives (0 = CPU).
+
+    ``gpus``: -1 = all visible (the CPU when there is no CUDA, said once), 0 = CPU, N = the first N GPUs.
+    """
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > available:
+        raise ConfigError(f"TRAIN.GPUS {gpus} asks for more GPUs than the {available} visible; "
+                          f"set TRAIN.GPUS to at most {available} (-1 = all, 0 = CPU)")
+    if gpus == 0 or available == 0:
+        if gpus == -1:
+            logger.info("no CUDA device found: training on the CPU")
+        return torch.device("cpu"), 0
+    count = available if gpus == -1 else gpus
+    if backend == "ddp" or launched_by_torchrun():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), 1
+    return torch.device("cuda", 0), count
+
+
+def wrap_model(model: nn.Module, device: torch.device, num_gpus: int, backend: str) -> nn.Module:
+    """DataParallel over ``num_gpus`` GPUs for the ``dp`` backend; DDP when the process group is up."""
+    if torch.distributed.is_initialized():
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if backend == "dp" and num_gpus > 1:
+        return nn.DataParallel(model, device_ids=list(range(num_gpus)))
+    return model

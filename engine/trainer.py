@@ -1,0 +1,202 @@
+"""The training loop. The trainer owns the loop and one iteration (``run_step``); hooks do the rest."""
+
+import logging
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.hooks import HookBase
+
+logger = logging.getLogger("engine")
+
+
+class MetricStorage:
+    """Scalars recorded by the step and the hooks, kept (on the device where they live) until written.
+
+    The step puts its loss as a device tensor; ``drain`` reads everything pending with one host sync.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[str, object, int]] = []
+
+    def put(self, name: str, value, step: int) -> None:
+        self._pending.append((name, value, step))
+
+    def drain(self) -> list[tuple[str, float, int]]:
+        pending, self._pending = self._pending, []
+        tensors = [value for _, value, _ in pending if isinstance(value, torch.Tensor)]
+        values = iter(torch.stack([t.detach().float() for t in tensors]).tolist()) if tensors else iter(())
+        return [(name, next(values) if isinstance(value, torch.Tensor) else float(value), step)
+                for name, value, step in pending]
+
+
+class Trainer:
+    """Runs ``max_epochs`` epochs over ``train_batches`` (a batch source with ``epoch(epoch, start)``).
+
+    One iteration is one optimizer step over ``accum_steps`` consecutive batches. ``iter`` counts finished
+    iterations; it is the MLflow step of every metric and the only position a checkpoint needs.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, train_batches, max_epochs: int, device,
+                 hooks: list[HookBase] = (), amp: bool = False, accum_steps: int = 1, clip_grad_norm: float = 0.0,
+                 world_size: int = 1):
+        self.model, self.optimizer, self.train_batches = model, optimizer, train_batches
+        self.device = torch.device(device)
+        self.max_epochs, self.accum_steps, self.clip_grad_norm = max_epochs, accum_steps, clip_grad_norm
+        self.world_size = world_size
+        self.amp = amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.iters_per_epoch = math.ceil(len(train_batches) / accum_steps)
+        self.max_iter = self.iters_per_epoch * max_epochs
+        self.iter, self.epoch = 0, 0
+        self.storage = MetricStorage()
+        self.latest_eval: dict | None = None
+        # First iteration whose loss was not finite, kept on the device: checking it every step would
+        # force a host sync, so it is read only when metrics are written and before each checkpoint.
+        self._first_bad_iter = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.hooks: list[HookBase] = []
+        self.register_hooks(hooks)
+
+    def register_hooks(self, hooks) -> None:
+        for hook in hooks:
+            hook._attach(self)
+            self.hooks.append(hook)
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The plain module inside DataParallel / DistributedDataParallel."""
+        return getattr(self.model, "module", self.model)
+
+    def train(self) -> None:
+        logger.info(f"training for {self.max_epochs} epochs ({self.max_iter} iterations), starting at {self.iter}")
+        try:
+            self._call("before_train")
+            self.epoch = self.iter // self.iters_per_epoch
+            while self.epoch < self.max_epochs:
+                self._train_one_epoch()
+                self.epoch += 1
+            self.epoch = self.max_epochs - 1  # hooks in after_train see the last epoch
+        finally:
+            self._call("after_train")
+
+    def _train_one_epoch(self) -> None:
+        self.model.train()
+        self._call("before_epoch")
+        first_batch = (self.iter - self.epoch * self.iters_per_epoch) * self.accum_steps
+        batches = iter(self.train_batches.epoch(self.epoch, start=first_batch))
+        while self.iter < (self.epoch + 1) * self.iters_per_epoch:
+            self._call("before_step")
+            self.run_step(batches)
+            self.iter += 1
+            self._call("after_step")
+        self._call("after_epoch")
+
+    def run_step(self, batches) -> None:
+        """One optimizer step over up to ``accum_steps`` batches; the loss is the exact mean over their samples."""
+        micro_batches = self._batches_in_step()
+        step_samples = sum(self.train_batches.global_batch_size(b) for b in micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for position in range(len(micro_batches)):
+            batch = next(batches)
+            last = position == len(micro_batches) - 1
+            with self._maybe_no_sync(last), torch.autocast(self.device.type, torch.float16, enabled=self.amp):
+                loss = F.cross_entropy(self.model(batch.images), batch.labels, reduction="sum")
+            # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so
+            # scaling by world_size makes the gradient the mean over the global step.
+            scaled = loss.float() * (self.world_size / step_samples)
+            self.scaler.scale(scaled).backward()
+            loss_sum += loss.detach().float()
+        self._optimizer_step()
+        step_loss = loss_sum / step_samples
+        self._first_bad_iter = torch.where((self._first_bad_iter < 0) & ~torch.isfinite(step_loss),
+                                           self.iter, self._first_bad_iter)
+        self.storage.put("train_loss", step_loss, self.iter + 1)
+
+    def _optimizer_step(self) -> None:
+        if self.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _batches_in_step(self) -> range:
+        """Indices (within the epoch) of the batches this iteration consumes."""
+        first = (self.iter - self.epoch * self.iters_per_epoch) * self.accum_steps
+        return range(first, min(first + self.accum_steps, len(self.train_batches)))
+
+    def _maybe_no_sync(self, last_micro_batch: bool):
+        if not last_micro_batch and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()  # DDP: all-reduce gradients only on the step's last batch
+        return _NullContext()
+
+    def check_finite(self) -> None:
+        """Raise if any loss so far was NaN or inf, naming the first such iteration (1-based)."""
+        bad = int(self._first_bad_iter.item())
+        if bad >= 0:
+            epoch = bad // self.iters_per_epoch + 1
+            raise FloatingPointError(
+                f"the training loss became NaN or inf at iteration {bad + 1} (epoch {epoch}); "
+                "lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or check the data. Earlier checkpoints are intact.")
+
+    def _call(self, method: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, method)()
+
+    # ---- state for checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iter,
+            "model": self.unwrapped_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iter = state["iteration"]
+        self.unwrapped_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for hook in self.hooks:
+            if type(hook).__name__ in state["hooks"]:
+                hook.load_state_dict(state["hooks"][type(hook).__name__])
+        restore_rng_state(state["rng"])
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def capture_rng_state() -> dict:
+    """Every global random stream, in types that ``torch.load(weights_only=True)`` accepts."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": _to_lists(random.getstate()),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
