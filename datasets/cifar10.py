@@ -99,8 +99,10 @@ def _check_batch(batch, path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels) if isinstance(labels, (list, np.ndarray)) else None
     if labels is None or labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
         raise _unreadable(path, f"'labels' is not a list of {len(data)} integers")
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise _unreadable(path, f"it holds no images or labels outside 0..{NUM_CLASSES - 1}")
+    if len(labels) == 0:
+        raise _unreadable(path, "it holds no images")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise _unreadable(path, f"it holds labels outside 0..{NUM_CLASSES - 1}")
     return data, labels.astype(np.int64)
 
 
