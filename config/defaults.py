@@ -68,6 +68,9 @@ _C.MLFLOW.EXPERIMENT_NAME = "Default"  # created on first use
 # (sqlite:///<repo>/mlruns/mlflow.db with artifacts in <repo>/mlruns/artifacts).
 _C.MLFLOW.TRACKING_URI = ""
 _C.MLFLOW.RUN_NAME = ""  # empty = MLflow picks a name
+# Log the trained model with mlflow.pytorch.log_model at the end (torch.export "pt2" format: loading it
+# back does not unpickle code).
+_C.MLFLOW.LOG_MODEL = True
 
 _C.LOG = CN()
 _C.LOG.PERIOD = 20  # iterations between metric writes and console lines (every step's loss is logged)

@@ -48,11 +48,58 @@ def select_device(gpus: int, backend: str) -> tuple[torch.device, int]:
     return torch.device("cuda", 0), count
 
 
-def wrap_model(model: nn.Module, device: torch.device, num_gpus: int, backend: str) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, num_gpus: int, backend: str,
+               sync_bn: bool = False) -> nn.Module:
     """DataParallel over ``num_gpus`` GPUs for the ``dp`` backend; DDP when the process group is up."""
     if torch.distributed.is_initialized():
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if backend == "dp" and num_gpus > 1:
         return nn.DataParallel(model, device_ids=list(range(num_gpus)))
     return model
+
+
+def init_distributed(backend_name: str, gpus: int) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return ``(rank, world_size)``.
+
+    NCCL when this process drives a GPU, Gloo on the CPU.
+    """
+    if not launched_by_torchrun():
+        return 0, 1
+    if backend_name != "ddp":
+        raise ConfigError(f"launched by torchrun with {os.environ['WORLD_SIZE']} processes but "
+                          f"TRAIN.DISTRIBUTED_BACKEND is '{backend_name}'; add TRAIN.DISTRIBUTED_BACKEND ddp")
+    if not torch.distributed.is_initialized():
+        use_cuda = torch.cuda.is_available() and gpus != 0
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return get_rank(), get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes in place (a no-op in a single process)."""
+    if get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(obj, source: int = 0):
+    """Rank ``source``'s ``obj`` on every rank (e.g. the MLflow run id)."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=source)
+    return holder[0]
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -3,11 +3,15 @@
 import torch
 import torch.nn.functional as F
 
+from engine.distributed import all_reduce_sum
+
 
 @torch.no_grad()
 def evaluate(model, batches, num_classes: int, device, amp: bool = False) -> dict:
     """Evaluate ``model`` on every batch of ``batches`` (a batch source, no shuffling).
 
+    Under DDP each rank evaluates its share and the sums (of loss and of the confusion matrix, so of
+    correct and count) are added over ranks: the result equals a single process's exactly.
     Sums stay on the device and are read once at the end. Returns ``loss`` (mean), ``acc1`` (a fraction),
     ``count`` and ``confusion`` (a CPU ``[true, predicted]`` int64 matrix).
     """
@@ -21,6 +25,8 @@ def evaluate(model, batches, num_classes: int, device, amp: bool = False) -> dic
         loss_sum += F.cross_entropy(logits.float(), batch.labels, reduction="sum").double()
         predicted = logits.argmax(dim=1)
         confusion += torch.bincount(batch.labels * num_classes + predicted, minlength=num_classes**2)
+    all_reduce_sum(loss_sum)
+    all_reduce_sum(confusion)
     return summarize(loss_sum.cpu(), confusion.view(num_classes, num_classes).cpu())
 
 

@@ -12,7 +12,8 @@ The trainer calls every registered hook, in registration order, like this::
 
 Subclass ``HookBase`` and override the methods you need; ``self.trainer`` is the running trainer
 (``trainer.iter`` counts finished iterations, ``trainer.epoch`` is the current epoch, ``trainer.storage``
-collects metrics). A hook that keeps state across a resume implements ``state_dict``/``load_state_dict``.
+collects metrics, ``trainer.exception`` is what ended training, if anything). A hook that keeps state
+across a resume implements ``state_dict``/``load_state_dict``.
 """
 
 import logging
@@ -22,6 +23,10 @@ import time
 import weakref
 
 logger = logging.getLogger("engine")
+
+
+class TrainingInterrupted(Exception):
+    """Raised by the loop after a stop was requested (SIGINT/SIGTERM); hooks save a checkpoint on it."""
 
 
 class HookBase:
@@ -128,7 +133,7 @@ class MetricWriter(HookBase):
         self.write()
 
     def after_train(self):
-        if sys.exc_info()[0] is None:
+        if self.trainer.exception is None or isinstance(self.trainer.exception, TrainingInterrupted):
             self.write()
 
     def write(self):
@@ -185,11 +190,15 @@ class ProgressBar(HookBase):
 
 
 class PeriodicCheckpointer(HookBase):
-    """Saves a checkpoint every ``period`` iterations and at every epoch end, and ``model_best.pth`` by
-    ``val_acc1``. Metrics are written (and checked finite) first, so a checkpoint never precedes its metrics."""
+    """Saves a checkpoint every ``period`` iterations, at every epoch end and when training is interrupted,
+    and ``model_best.pth`` by ``val_acc1``.
 
-    def __init__(self, checkpointer, period: int, writer: MetricWriter | None = None):
-        self.checkpointer, self.period, self.writer = checkpointer, period, writer
+    Before each save the metrics are written and checked finite, and ``before_save()`` runs (it persists
+    metrics not yet delivered to MLflow), so no metric older than a checkpoint can be lost.
+    """
+
+    def __init__(self, checkpointer, period: int, writer: MetricWriter | None = None, before_save=None):
+        self.checkpointer, self.period, self.writer, self.before_save = checkpointer, period, writer, before_save
         self.best_acc1 = -math.inf
 
     def after_step(self):
@@ -205,10 +214,16 @@ class PeriodicCheckpointer(HookBase):
             self.best_acc1 = acc1
             self.checkpointer.save_model("model_best.pth", self.trainer.unwrapped_model)
 
+    def after_train(self):
+        if isinstance(self.trainer.exception, TrainingInterrupted):
+            self._save()
+
     def _save(self):
         if self.writer is not None:
             self.writer.write()
         self.trainer.check_finite()
+        if self.before_save is not None:
+            self.before_save()
         self.checkpointer.save(self.trainer.iter, self.trainer.state_dict())
 
     def state_dict(self):

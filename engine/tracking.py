@@ -1,9 +1,11 @@
 """Every MLflow call in the project lives in this module.
 
-``MLflowTracker`` creates (or re-attaches) one run, logs params and artifacts, and sends metrics from a
-background thread in batches (``log_batch``, at most 1000 metrics a request) so the training step never
-waits for the tracking store. A failed request is retried with back-off, in order; whatever cannot be
-delivered by the end is written to ``OUTPUT_DIR/mlflow_pending.jsonl`` instead of being lost.
+``MLflowTracker`` owns one MLflow run. Nothing it does blocks the training step: metrics and artifact
+uploads go into an ordered queue that a background thread delivers (metrics merged into ``log_batch``
+requests of at most 1000). A request that fails is retried with back-off before anything newer is sent,
+so nothing is dropped or reordered. When the store is unreachable at start, the run is created as soon as
+it answers. What is still undelivered at a checkpoint or at the end is written to
+``OUTPUT_DIR/mlflow_pending.jsonl``; ``tools/upload_pending.py OUTPUT_DIR`` delivers it later.
 """
 
 import json
@@ -17,10 +19,12 @@ from urllib.parse import urlparse
 
 from config import ConfigError
 from config.defaults import REPO_ROOT
+from engine.checkpoint import atomic_write_bytes
 
 logger = logging.getLogger("engine")
 
 LOCAL_STORE = REPO_ROOT / "mlruns" / "mlflow.db"
+PENDING_FILE = "mlflow_pending.jsonl"
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_REQUEST = 100
 KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -29,17 +33,14 @@ KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssq
 def resolve_tracking_uri(configured: str = "") -> str:
     """``MLFLOW.TRACKING_URI``, else ``$MLFLOW_TRACKING_URI``, else the project's local SQLite store."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{LOCAL_STORE}"
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme not in KNOWN_SCHEMES:
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme not in KNOWN_SCHEMES or (scheme in ("http", "https") and not parsed.hostname):
         raise ConfigError(f"malformed MLflow tracking URI '{uri}'; use e.g. http://127.0.0.1:5000 or "
                           f"sqlite:////absolute/path/mlflow.db (set MLFLOW.TRACKING_URI or MLFLOW_TRACKING_URI)")
     if scheme == "sqlite":
         Path(_sqlite_path(uri)).parent.mkdir(parents=True, exist_ok=True)
     return uri
-
-
-def _sqlite_path(uri: str) -> str:
-    return uri[len("sqlite:///"):]
 
 
 def artifact_root(uri: str) -> str | None:
@@ -49,7 +50,7 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def _client(uri: str):
+def make_client(uri: str):
     from mlflow import MlflowClient
 
     root = artifact_root(uri)
@@ -57,66 +58,172 @@ def _client(uri: str):
         # MLflow creates the "Default" experiment with this root when it initialises a new database;
         # without it, that experiment's artifacts would land in ./mlruns of whatever cwd ran first.
         os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = root
+    # MLflow's own HTTP retries can hold a request for minutes; we retry ourselves, in the background.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     return MlflowClient(tracking_uri=uri)
 
 
-class MLflowTracker:
-    """One MLflow run: start or re-attach, params, metrics (async), artifacts, final status."""
+def _sqlite_path(uri: str) -> str:
+    return uri[len("sqlite:///"):]
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str = "", pending_dir=None):
+
+class MLflowTracker:
+    """One MLflow run: create or re-attach, params, tags, metrics and artifacts (queued), final status.
+
+    ``on_run_id`` is called with the run id as soon as the run exists (possibly from the sender thread
+    when the store was down at start).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str = "", pending_dir=None,
+                 on_run_id=None):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
         self.pending_dir = Path(pending_dir) if pending_dir else None
-        self.client = _client(tracking_uri)
+        self.on_run_id = on_run_id
+        self.client = make_client(tracking_uri)
         self.run_id: str | None = None
+        self._params: dict = {}
+        self._tags: dict = {}
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
-        self._sender: _MetricSender | None = None
+        self._queue = _DeliveryQueue(self._deliver)
 
     # ---- run lifecycle -----------------------------------------------------------------------------------
-    def start(self, params: dict, tags: dict | None = None, run_id: str | None = None) -> str:
-        """Create a run (or re-attach ``run_id``), log params not already there, start the metric sender."""
-        if run_id:
-            run = self.client.get_run(run_id)
-            self.client.update_run(run_id, status="RUNNING")
-            self._logged_steps = self._last_steps(run)
-            already = run.data.params
-        else:
-            run = self.client.create_run(self._experiment_id(), run_name=self.run_name or None, tags=tags or {})
-            already = {}
-        self.run_id = run.info.run_id
-        self._log_params({k: v for k, v in params.items() if k not in already})
-        self._sender = _MetricSender(self.client, self.run_id)
+    def start(self, params: dict, tags: dict | None = None, run_id: str | None = None) -> str | None:
+        """Create the run (or re-attach ``run_id``) and log the params it lacks; never raises for an outage."""
+        self._params, self._tags, self.run_id = dict(params), dict(tags or {}), run_id
+        self._requeue_pending_file()
+        try:
+            self._ensure_run()
+        except Exception as error:
+            if not _is_unreachable(error):
+                raise
+            logger.warning(f"MLflow at {self.tracking_uri} is unreachable ({_short(error)}); training goes on "
+                           "and the run is created, with everything logged so far, when it answers")
+        self._queue.start()
         return self.run_id
 
-    def end(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
-        """Deliver what is queued (bounded wait), then mark the run FINISHED, FAILED or KILLED."""
-        if self._sender is None:
-            return
-        delivered = self._sender.close(timeout)
-        if not delivered:
-            self._spill(self._sender.pending())
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as error:  # the store is unreachable: the pending file above keeps the metrics
-            logger.warning(f"could not mark MLflow run {self.run_id} {status}: {_short(error)}")
+    def end(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
+        """Deliver what is queued (waiting at most ``timeout``), then mark the run FINISHED, FAILED or KILLED.
 
-    # ---- logging -----------------------------------------------------------------------------------------
+        Returns False when something could not be delivered; it is then in ``mlflow_pending.jsonl``.
+        """
+        self._queue.put(("status", status))
+        delivered = self._queue.close(timeout)
+        self.save_pending(quiet=False)
+        return delivered
+
+    # ---- logging (all non-blocking) ----------------------------------------------------------------------
     def log_metrics(self, records) -> None:
-        """Queue ``(name, value, step)`` records; returns at once. Steps a resumed run already has are skipped."""
+        """Queue ``(name, value, step)`` records. Steps a re-attached run already holds are skipped."""
         now = int(time.time() * 1000)
-        fresh = [(n, v, s, now) for n, v, s in records if s > self._logged_steps.get(n, -1)]
-        if fresh:
-            self._sender.put(fresh)
+        self._queue.extend([("metric", name, value, step, now) for name, value, step in records])
 
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", str(local_path), artifact_path))
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """Render now (the figure may change later), upload in the background."""
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="figure-"))
+        path = folder / Path(artifact_file).name
+        figure.savefig(path)
+        self._queue.put(("artifact", str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="text-")) / artifact_file
+        path.write_text(text)
+        self._queue.put(("artifact", str(path), None))
+
+    def log_model(self, model, input_example, timeout: float = 120.0) -> str | None:
+        """``mlflow.pytorch.log_model`` of the plain module, in torch.export's "pt2" format (loading it back
+        does not unpickle code). Runs at the end of training; a failure is a warning, model_final.pth stays."""
+        if not self.flush(timeout) or self.run_id is None:
+            logger.warning("MLflow is unreachable: the model is not logged (model_final.pth is in OUTPUT_DIR)")
+            return None
+        import mlflow
+        import mlflow.pytorch
+
+        model = model.eval().cpu() if next(model.parameters()).device.type != "cpu" else model.eval()
         try:
-            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+            mlflow.set_tracking_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                info = mlflow.pytorch.log_model(model, name="model", input_example=input_example.numpy(),
+                                                serialization_format="pt2",
+                                                pip_requirements=[f"torch=={_torch_version()}"])
+            self.client.update_run(self.run_id, status="RUNNING")  # end() sets the final status
+            return info.model_uri
         except Exception as error:
-            logger.warning(f"could not upload {local_path} to MLflow: {_short(error)}")
+            logger.warning(f"could not log the model to MLflow: {_short(error)}")
+            return None
+
+    def set_tags(self, tags: dict) -> None:
+        self._queue.put(("tags", dict(tags)))
 
     def flush(self, timeout: float = 30.0) -> bool:
-        return self._sender.flush(timeout) if self._sender else True
+        return self._queue.flush(timeout)
 
-    # ---- helpers -----------------------------------------------------------------------------------------
+    def save_pending(self, quiet: bool = True) -> None:
+        """Write every undelivered item to ``mlflow_pending.jsonl`` (or remove the file when none is left).
+
+        Called before each checkpoint (quietly: the queue is usually just behind) and at the end.
+        """
+        if self.pending_dir is None:
+            return
+        path = self.pending_dir / PENDING_FILE
+        pending = self._queue.pending()
+        if not pending:
+            path.unlink(missing_ok=True)
+            return
+        header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment_name, "run_id": self.run_id}
+        lines = [json.dumps(header)] + [json.dumps(item) for item in pending]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        if not quiet:
+            logger.warning(f"{len(pending)} MLflow records not yet delivered are saved in {path}")
+
+    # ---- delivery (background thread) --------------------------------------------------------------------
+    def _deliver(self, batch: list) -> None:
+        self._ensure_run()
+        kind = batch[0][0]
+        if kind == "metric":
+            from mlflow.entities import Metric
+
+            # Exact resume recomputes the steps between the checkpoint and the crash with identical values;
+            # the run already holds them, so they are not logged twice.
+            metrics = [Metric(name, value, timestamp, step) for _, name, value, step, timestamp in batch
+                       if step > self._logged_steps.get(name, -1)]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        elif kind == "artifact":
+            _, path, artifact_path = batch[0]
+            if Path(path).is_file():
+                self.client.log_artifact(self.run_id, path, artifact_path)
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in batch[0][1].items()])
+        elif kind == "status":
+            self.client.set_terminated(self.run_id, status=batch[0][1])
+
+    def _ensure_run(self) -> None:
+        if self.run_id is not None and self._params is None:
+            return
+        if self.run_id is None:
+            run = self.client.create_run(self._experiment_id(), run_name=self.run_name or None, tags=self._tags)
+            self.run_id, already = run.info.run_id, {}
+        else:
+            run = self.client.get_run(self.run_id)
+            if run.info.status != "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            self._logged_steps = self._last_steps(run)
+            already = run.data.params
+        self._log_params({k: v for k, v in self._params.items() if k not in already})
+        self._params = None  # logged: later calls only check the run exists
+        if self.on_run_id:
+            self.on_run_id(self.run_id)
+
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is not None:
@@ -136,89 +243,111 @@ class MLflowTracker:
         return {key: max(m.step for m in self.client.get_metric_history(run.info.run_id, key))
                 for key in run.data.metrics}
 
-    def _spill(self, records) -> None:
-        if not records or self.pending_dir is None:
+    def _requeue_pending_file(self) -> None:
+        """A resumed run first re-sends what an earlier process could not deliver (duplicates are skipped)."""
+        if self.pending_dir is None or not (self.pending_dir / PENDING_FILE).is_file():
             return
-        path = self.pending_dir / "mlflow_pending.jsonl"
-        with open(path, "a") as file:
-            for name, value, step, timestamp in records:
-                file.write(json.dumps({"run_id": self.run_id, "key": name, "value": value, "step": step,
-                                       "timestamp": timestamp}) + "\n")
-        logger.warning(f"MLflow was unreachable: {len(records)} metric values saved to {path}")
+        _, items = read_pending_file(self.pending_dir / PENDING_FILE)
+        self._queue.extend([tuple(item) for item in items if item[0] == "metric"])
 
 
-class _MetricSender:
-    """A background thread that drains a queue of metric records into ``log_batch`` requests, in order.
+def read_pending_file(path: Path) -> tuple[dict, list]:
+    lines = Path(path).read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
 
-    A request that fails is retried (with back-off) before anything newer is sent, so a merged batch is
-    never silently dropped; ``flush``/``close`` wait at most their timeout.
+
+class _DeliveryQueue:
+    """An ordered queue drained by one background thread through ``deliver(batch)``.
+
+    Consecutive metric records are merged into one batch; any other item goes alone. A batch that fails is
+    put back at the head and retried with back-off; ``flush``/``close`` wait at most their timeout.
     """
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
-        self._queue: deque = deque()
+    def __init__(self, deliver):
+        self._deliver = deliver
+        self._items: deque = deque()
         self._in_flight: list = []
         self._condition = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="mlflow-metric-sender", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mlflow-delivery", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
-    def put(self, records) -> None:
+    def put(self, item) -> None:
+        self.extend([item])
+
+    def extend(self, items) -> None:
+        if not items:
+            return
         with self._condition:
-            self._queue.extend(records)
+            self._items.extend(items)
             self._condition.notify_all()
 
     def pending(self) -> list:
         with self._condition:
-            return list(self._in_flight) + list(self._queue)
+            return list(self._in_flight) + list(self._items)
 
     def flush(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._condition:
-            while self._queue or self._in_flight:
+            while (self._items or self._in_flight) and self._thread.is_alive():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._condition.wait(remaining)
-            return True
+            return not (self._items or self._in_flight)
 
     def close(self, timeout: float) -> bool:
         delivered = self.flush(timeout)
         with self._condition:
             self._closing = True
             self._condition.notify_all()
-        self._thread.join(timeout=1.0)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)  # a request still hanging is abandoned (daemon thread)
         return delivered
+
+    def _next_batch(self) -> list:
+        if self._items[0][0] != "metric":
+            return [self._items.popleft()]
+        batch = []
+        while self._items and self._items[0][0] == "metric" and len(batch) < MAX_METRICS_PER_REQUEST:
+            batch.append(self._items.popleft())
+        return batch
 
     def _run(self) -> None:
         failures, retry_at = 0, 0.0
         while True:
             with self._condition:
-                while not self._closing and (not self._queue or time.monotonic() < retry_at):
-                    self._condition.wait(None if not self._queue else retry_at - time.monotonic())
+                while not self._closing and (not self._items or time.monotonic() < retry_at):
+                    self._condition.wait(None if not self._items else retry_at - time.monotonic())
                 if self._closing:
                     return
-                count = min(len(self._queue), MAX_METRICS_PER_REQUEST)
-                self._in_flight = [self._queue.popleft() for _ in range(count)]
+                self._in_flight = self._next_batch()
             try:
-                self._send(self._in_flight)
+                self._deliver(self._in_flight)
                 failures = 0
             except Exception as error:
                 failures += 1
-                retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** min(failures, 6))
+                retry_at = time.monotonic() + min(10.0, 0.25 * 2 ** min(failures, 6))
                 if failures == 1:
                     logger.warning(f"MLflow logging failed ({_short(error)}); retrying in the background")
                 with self._condition:
-                    self._queue.extendleft(reversed(self._in_flight))  # retry these first, in order
+                    self._items.extendleft(reversed(self._in_flight))  # retry these first, in order
             with self._condition:
                 self._in_flight = []
                 self._condition.notify_all()
 
-    def _send(self, records) -> None:
-        from mlflow.entities import Metric
 
-        metrics = [Metric(name, value, timestamp, step) for name, value, step, timestamp in records]
-        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def _is_unreachable(error: Exception) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return any(word in text for word in ("connection", "max retries", "timed out", "timeout", "unreachable"))
 
 
 def _short(error: Exception) -> str:

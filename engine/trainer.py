@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.hooks import HookBase
+from engine.distributed import all_reduce_sum, get_world_size
+from engine.hooks import HookBase, TrainingInterrupted
 
 logger = logging.getLogger("engine")
 
@@ -18,6 +19,8 @@ class MetricStorage:
     """Scalars recorded by the step and the hooks, kept (on the device where they live) until written.
 
     The step puts its loss as a device tensor; ``drain`` reads everything pending with one host sync.
+    Tensor values are summed over processes on the way (each rank stores its share of a global mean), so
+    every rank must call ``drain`` at the same points; plain numbers are taken as they are.
     """
 
     def __init__(self):
@@ -29,7 +32,7 @@ class MetricStorage:
     def drain(self) -> list[tuple[str, float, int]]:
         pending, self._pending = self._pending, []
         tensors = [value for _, value, _ in pending if isinstance(value, torch.Tensor)]
-        values = iter(torch.stack([t.detach().float() for t in tensors]).tolist()) if tensors else iter(())
+        values = iter(all_reduce_sum(torch.stack([t.detach().float() for t in tensors])).tolist() if tensors else ())
         return [(name, next(values) if isinstance(value, torch.Tensor) else float(value), step)
                 for name, value, step in pending]
 
@@ -43,11 +46,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer, train_batches, max_epochs: int, device,
                  hooks: list[HookBase] = (), amp: bool = False, accum_steps: int = 1, clip_grad_norm: float = 0.0,
-                 world_size: int = 1):
+                 stop_check_period: int = 1):
         self.model, self.optimizer, self.train_batches = model, optimizer, train_batches
         self.device = torch.device(device)
         self.max_epochs, self.accum_steps, self.clip_grad_norm = max_epochs, accum_steps, clip_grad_norm
-        self.world_size = world_size
+        self.world_size = get_world_size()
+        # How often processes agree on a stop request: every step alone, less often under DDP to save a sync.
+        self.stop_check_period = 1 if self.world_size == 1 else stop_check_period
+        self._stop_reason: str | None = None
         self.amp = amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.iters_per_epoch = math.ceil(len(train_batches) / accum_steps)
@@ -55,6 +61,8 @@ class Trainer:
         self.iter, self.epoch = 0, 0
         self.storage = MetricStorage()
         self.latest_eval: dict | None = None
+        self.exception: BaseException | None = None  # what ended train(), if it raised
+        self.checkpoint_extras = dict  # callable -> extra entries saved in every checkpoint (run id, config)
         # First iteration whose loss was not finite, kept on the device: checking it every step would
         # force a host sync, so it is read only when metrics are written and before each checkpoint.
         self._first_bad_iter = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -80,6 +88,9 @@ class Trainer:
                 self._train_one_epoch()
                 self.epoch += 1
             self.epoch = self.max_epochs - 1  # hooks in after_train see the last epoch
+        except BaseException as error:
+            self.exception = error  # hooks look at it in after_train (e.g. checkpoint on interruption)
+            raise
         finally:
             self._call("after_train")
 
@@ -93,6 +104,7 @@ class Trainer:
             self.run_step(batches)
             self.iter += 1
             self._call("after_step")
+            self._stop_if_requested()
         self._call("after_epoch")
 
     def run_step(self, batches) -> None:
@@ -134,6 +146,20 @@ class Trainer:
             return self.model.no_sync()  # DDP: all-reduce gradients only on the step's last batch
         return _NullContext()
 
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step (safe to call from a signal handler)."""
+        self._stop_reason = reason
+
+    def _stop_if_requested(self) -> None:
+        if self.iter % self.stop_check_period and self.iter != self.max_iter:
+            return
+        requested = self._stop_reason is not None
+        if self.world_size > 1:  # every rank must stop at the same iteration
+            flag = torch.tensor([float(requested)], device=self.device)
+            requested = bool(all_reduce_sum(flag).item())
+        if requested:
+            raise TrainingInterrupted(f"stopped by {self._stop_reason or 'another process'} at iteration {self.iter}")
+
     def check_finite(self) -> None:
         """Raise if any loss so far was NaN or inf, naming the first such iteration (1-based)."""
         bad = int(self._first_bad_iter.item())
@@ -156,6 +182,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
             "rng": capture_rng_state(),
+            **self.checkpoint_extras(),
         }
 
     def load_state_dict(self, state: dict) -> None:

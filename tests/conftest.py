@@ -1,0 +1,83 @@
+"""Shared fixtures: isolated in-process trainings and one real digits run reused by the end-to-end tests.
+
+Every training here writes into a temporary folder and a temporary MLflow store
+(``sqlite:///<tmp>/mlflow.db``, artifacts beside it), never into the repository.
+"""
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from engine.logger import restore_streams
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DIGITS_CONFIG = REPO_ROOT / "config" / "digits.yaml"
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "_MLFLOW_SERVER_ARTIFACT_ROOT")
+
+
+@contextlib.contextmanager
+def isolated_training(workdir: Path):
+    """Run in-process trainings from ``workdir`` and undo what ``train()`` changes in the process.
+
+    ``train()`` tees stdout/stderr into log.txt, points the ``engine`` logger at that tee, and sets the
+    MLflow artifact-root variable of the first store it opens; all three are put back afterwards.
+    """
+    saved_env = {name: os.environ.pop(name, None) for name in MLFLOW_ENV}
+    previous_cwd = Path.cwd()
+    os.chdir(workdir)  # anything written to ./mlruns by mistake lands here, where tests look for it
+    try:
+        yield
+    finally:
+        os.chdir(previous_cwd)
+        restore_streams()
+        logging.getLogger("engine").handlers.clear()
+        for name, value in saved_env.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A scratch folder (the cwd during the test) with ``output/`` and an MLflow store ``store/mlflow.db``."""
+    with isolated_training(tmp_path):
+        yield tmp_path
+
+
+@pytest.fixture
+def small_run_opts(run_dir):
+    """Command-line overrides for a quick run on 256 synthetic images (6 iterations per epoch)."""
+    return [
+        "DATA.DATASET_TYPE", "synthetic", "DATA.SYNTHETIC_SIZE", "256", "TRAIN.BATCH_SIZE", "32",
+        "TRAIN.MAX_EPOCHS", "1", "LOG.PROGRESS_BAR", "False",
+        "OUTPUT_DIR", str(run_dir / "output"),
+        "MLFLOW.TRACKING_URI", f"sqlite:///{run_dir / 'store' / 'mlflow.db'}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_digits_run(tmp_path_factory):
+    """One full ``config/digits.yaml`` training, shared by every test that inspects a finished run.
+
+    Returns a dict with ``opts`` (the command-line overrides used), ``output_dir``, ``tracking_uri``,
+    ``run_id``, ``workdir`` (the cwd of the run) and ``exit_code``.
+    """
+    from tools.train_net import main
+
+    workdir = tmp_path_factory.mktemp("digits_run")
+    output_dir = workdir / "output"
+    tracking_uri = f"sqlite:///{workdir / 'store' / 'mlflow.db'}"
+    opts = ["OUTPUT_DIR", str(output_dir), "MLFLOW.TRACKING_URI", tracking_uri, "LOG.PROGRESS_BAR", "False"]
+    with isolated_training(workdir):
+        exit_code = main(["--config-file", str(DIGITS_CONFIG), *opts])
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("digits")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return {
+        "opts": opts, "output_dir": output_dir, "tracking_uri": tracking_uri, "workdir": workdir,
+        "run_id": runs[0].info.run_id if len(runs) == 1 else None, "exit_code": exit_code,
+    }

@@ -1,0 +1,82 @@
+"""``tools/train_net.py`` on the command line: a user mistake is one line on stderr and a non-zero exit.
+
+Four real subprocesses check what a terminal shows (no traceback); the other mistakes go through
+``main()`` in-process, which prints the same line.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tools.train_net import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
+
+CASES = {
+    "missing config file": (["--config-file", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
+    "malformed yaml": (["--config-file", "broken.yaml"], "malformed YAML in broken.yaml at line"),
+    "unknown key": (["TRAIN.NO_SUCH_KEY", "1"], "unknown config key TRAIN.NO_SUCH_KEY"),
+    "wrong value type": (["TRAIN.BATCH_SIZE", "many"], "TRAIN.BATCH_SIZE must be of type int (like 128), got 'many'"),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """Run every case at once (each process spends most of its time importing torch)."""
+    workdir = tmp_path_factory.mktemp("cli")
+    (workdir / "broken.yaml").write_text("TRAIN:\n  LR: [0.1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")}
+    processes = {
+        name: subprocess.Popen([sys.executable, str(TRAIN_NET), *args, "OUTPUT_DIR", str(workdir / "output")],
+                               cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (args, _) in CASES.items()
+    }
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=120)
+        results[name] = (process.returncode, stdout, stderr)
+    return workdir, results
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_user_mistake_prints_one_line_and_exits_non_zero(cli_results, case):
+    workdir, results = cli_results
+    returncode, stdout, stderr = results[case]
+    expected = CASES[case][1]
+
+    assert returncode != 0
+    assert stderr.strip().splitlines() == [stderr.strip()]  # one line
+    assert stderr.startswith(f"error: {expected}")
+    assert "Traceback" not in stderr + stdout
+    assert not (workdir / "output").exists()  # nothing was started
+    assert not (workdir / "mlruns").exists()
+
+
+@pytest.mark.parametrize("opts, expected", [
+    (["TRAIN.BATCH_SIZE", "0"], "error: TRAIN.BATCH_SIZE must be a positive integer, got 0"),
+    (["DATA.VALIDATION_SIZE", "1.5"], "error: DATA.VALIDATION_SIZE must be strictly between 0 and 1, got 1.5"),
+    (["TRAIN.MAX_EPOCHS", "-3"], "error: TRAIN.MAX_EPOCHS must be a positive integer, got -3"),
+])
+def test_main_returns_an_error_code_for_values_out_of_range(capsys, run_dir, opts, expected):
+    assert main([*opts, "OUTPUT_DIR", str(run_dir / "output")]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.err == expected + "\n"
+    assert not (run_dir / "output").exists()
+
+
+def test_asking_for_more_gpus_than_visible_is_a_clear_error(capfd, run_dir, small_run_opts):
+    too_many = torch.cuda.device_count() + 1
+
+    assert main([*small_run_opts, "TRAIN.GPUS", str(too_many)]) == 2
+
+    err = capfd.readouterr().err  # the run's log tee writes to the real stderr, hence capfd
+    assert err.strip().splitlines() == [
+        f"error: TRAIN.GPUS {too_many} asks for more GPUs than the {too_many - 1} visible; "
+        f"set TRAIN.GPUS to at most {too_many - 1} (-1 = all, 0 = CPU)"]
+    assert "Traceback" not in err

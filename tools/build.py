@@ -1,0 +1,103 @@
+"""Turn a frozen config into the objects the engine runs: data, model, solver, hooks, trainer.
+
+``tools/train_net.py`` and ``tools/benchmark.py`` build through these functions, so the benchmark measures
+exactly what a user runs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from config import ConfigError
+from datasets import DatasetSplits, build_datasets
+from datasets.batches import build_batches
+from datasets.transforms import build_transform
+from engine import hooks as engine_hooks
+from engine.checkpoint import CheckpointError, load_file
+from engine.distributed import barrier, get_rank, get_world_size, wrap_model
+from engine.evaluation import evaluate
+from engine.trainer import Trainer
+from networks import build_model
+from solvers import build_lr_scheduler, build_optimizer
+
+
+@dataclass
+class Data:
+    splits: DatasetSplits
+    train: object  # batch sources (datasets.batches)
+    val: object
+    test: object | None
+
+
+def build_data(cfg, device) -> Data:
+    """Datasets and batch sources for this process (its share of every global batch under DDP)."""
+    rank, world_size = get_rank(), get_world_size()
+    if cfg.TRAIN.BATCH_SIZE % world_size:
+        raise ConfigError(f"TRAIN.BATCH_SIZE {cfg.TRAIN.BATCH_SIZE} is the global batch and must divide evenly "
+                          f"over {world_size} processes; use a multiple of {world_size}")
+    if rank != 0:
+        barrier()  # rank 0 downloads/prepares first, so processes never race on the cache folder
+    splits = build_datasets(cfg)
+    if rank == 0:
+        barrier()
+
+    def batches(split, train):
+        if split is None:
+            return None
+        transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=train)
+        return build_batches(split, cfg.TRAIN.BATCH_SIZE, transform, device, shuffle=train, seed=cfg.SEED,
+                             num_workers=cfg.DATA.NUM_WORKERS, rank=rank, world_size=world_size,
+                             channels_last=cfg.TRAIN.CHANNELS_LAST)
+
+    return Data(splits, batches(splits.train, True), batches(splits.val, False), batches(splits.test, False))
+
+
+def build_network(cfg, device, num_gpus: int) -> torch.nn.Module:
+    """The model on ``device`` (initial weights from ``MODEL.WEIGHTS`` if set), wrapped for DP/DDP."""
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        load_weights(model, cfg.MODEL.WEIGHTS)
+    model = model.to(device)
+    if cfg.TRAIN.CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    return wrap_model(model, device, num_gpus, cfg.TRAIN.DISTRIBUTED_BACKEND, sync_bn=cfg.TRAIN.SYNC_BN)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a model_final.pth (plain state_dict) or a checkpoint (its ``model`` entry) into ``model``."""
+    state = load_file(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise CheckpointError(f"MODEL.WEIGHTS {path} does not fit TRAIN.MODEL_TYPE "
+                              f"'{model.__class__.__name__}': {detail}") from None
+
+
+def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, before_save=None) -> Trainer:
+    """The trainer with the built-in hooks, in the order they must run.
+
+    ``tracker`` (an MLflowTracker, or None on other ranks and when logging is off) receives the metrics;
+    ``checkpointer`` (None = no checkpoints) saves them.
+    """
+    optimizer = build_optimizer(cfg, model)
+    iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
+    scheduler = build_lr_scheduler(cfg, optimizer, iters_per_epoch)
+    num_classes = len(cfg.DATA.CLASSES)
+    eval_model = model if isinstance(model, torch.nn.DataParallel) else getattr(model, "module", model)
+    writer = engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD)
+    hooks = [
+        engine_hooks.LRScheduler(scheduler),
+        engine_hooks.IterationTimer(len(data.splits.train)),
+        engine_hooks.EvalHook(lambda: evaluate(eval_model, data.val, num_classes, device, cfg.TRAIN.AMP),
+                              cfg.EVAL.PERIOD),
+        writer,
+    ]
+    if checkpointer is not None:
+        hooks.append(engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD, writer, before_save))
+    hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0))
+    return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks, amp=cfg.TRAIN.AMP,
+                   accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
+                   stop_check_period=cfg.LOG.PERIOD)

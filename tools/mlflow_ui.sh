@@ -1,0 +1,43 @@
+#!/bin/sh
+# MLflow UI for the project's runs: sh tools/mlflow_ui.sh [extra `mlflow server` options, e.g. --workers 1]
+#
+# Serves $MLFLOW_TRACKING_URI, or else the store the engine writes to by default (<repo>/mlruns/mlflow.db,
+# see engine/tracking.py), at http://127.0.0.1:$MLFLOW_PORT (default in docker/env.sh). MLFLOW_HOST changes
+# the interface it listens on; docker/run.sh sets it inside the container.
+set -eu
+REPO=$(cd "$(dirname "$0")/.." && pwd -P)
+# shellcheck source=docker/env.sh
+. "$REPO/docker/env.sh"
+HOST=${MLFLOW_HOST:-127.0.0.1}
+STORE=${MLFLOW_TRACKING_URI:-sqlite:///$REPO/mlruns/mlflow.db}
+
+case $STORE in
+    sqlite:///*)
+        # Like the engine: artifacts beside the database, not in ./mlartifacts of the current folder.
+        database=${STORE#sqlite:///}
+        case $database in
+            /*) ;;
+            *) database="$(pwd -P)/$database" ;;
+        esac
+        artifacts="$(dirname "$database")/artifacts"
+        mkdir -p "$artifacts"
+        set -- --default-artifact-root "file://$artifacts" --artifacts-destination "file://$artifacts" "$@"
+        ;;
+    http://* | https://*)
+        echo "error: MLFLOW_TRACKING_URI=$STORE is already a tracking server: open it in a browser," \
+            "or unset MLFLOW_TRACKING_URI to serve the local store" >&2
+        exit 2
+        ;;
+esac
+
+if command -v mlflow >/dev/null 2>&1; then
+    MLFLOW=mlflow
+elif [ -x "$REPO/.venv/bin/mlflow" ]; then
+    MLFLOW="$REPO/.venv/bin/mlflow"
+else
+    echo "error: mlflow is neither on PATH nor in $REPO/.venv/bin; run \`make ui\`, which installs it" >&2
+    exit 127
+fi
+
+echo "MLflow UI for $STORE on http://127.0.0.1:$MLFLOW_PORT" >&2
+exec "$MLFLOW" server --backend-store-uri "$STORE" --host "$HOST" --port "$MLFLOW_PORT" "$@"
