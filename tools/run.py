@@ -49,8 +49,10 @@ RESUME_MAY_CHANGE = {
 def train(cfg, resume: bool = False, extra_tags: dict | None = None) -> Path:
     """Train from ``cfg`` (continuing from OUTPUT_DIR's newest checkpoint with ``resume``); return OUTPUT_DIR."""
     init_distributed(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS)
+    # torchrun --max-restarts restarts failed workers with the same command line: they continue the run.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
-        return _train(cfg, resume, extra_tags or {})
+        return _train(cfg, resume or restarted, extra_tags or {})
     finally:
         destroy_process_group()
 
