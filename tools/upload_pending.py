@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from config import flatten_config, load_config  # noqa: E402
 from engine.tracking import PENDING_FILE, MLflowTracker, read_pending_file  # noqa: E402
 
 
@@ -31,7 +32,9 @@ def main(argv=None) -> int:
     run_id = header.get("run_id") or _read(args.output_dir / "mlflow_run_id")
     tracker = MLflowTracker(args.tracking_uri or header["tracking_uri"], header["experiment"],
                             pending_dir=args.output_dir)
-    tracker.start({}, run_id=run_id)  # re-queues the pending file's metrics
+    config_file = args.output_dir / "config.yaml"
+    params = flatten_config(load_config(str(config_file))) if config_file.is_file() else {}
+    tracker.start(params, run_id=run_id)  # re-queues the pending file's metrics; params only if it lacks them
     if tracker.run_id is None:
         print(f"error: MLflow at {tracker.tracking_uri} is still unreachable; try again later", file=sys.stderr)
         return 1
