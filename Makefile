@@ -14,9 +14,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 train: $(STAMP)  ## train the offline demo (digits) into the local MLflow store
 	$(PY) tools/train_net.py --config-file config/digits.yaml
 
-test: $(STAMP)  ## lint, then the whole test suite
+test: $(STAMP)  ## lint (Python, shell, Dockerfile), then the whole test suite
 	$(PY) -m ruff check .
+	$(VENV)/bin/shellcheck tools/*.sh docker/*.sh
+	$(VENV)/bin/hadolint docker/Dockerfile
 	$(PY) -m pytest
+
+bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 15 minutes on 2 CPU cores)
+	$(PY) tools/benchmark.py
 
 ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000}
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh tools/mlflow_ui.sh
