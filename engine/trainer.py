@@ -150,6 +150,10 @@ class Trainer:
         """Ask the loop to stop after the current step (safe to call from a signal handler)."""
         self._stop_reason = reason
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_reason is not None
+
     def _stop_if_requested(self) -> None:
         if self.iter % self.stop_check_period and self.iter != self.max_iter:
             return

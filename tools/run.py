@@ -86,14 +86,17 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
         trainer.load_state_dict(resumed[1])
         logger.info(f"resumed from {resumed[0].name} at iteration {trainer.iter}")
 
-    status = "FAILED"
+    status, wait_for_mlflow = "FAILED", 60.0
     try:
         with stop_on_signals(trainer):
             trainer.train()
         finish_training(cfg, trainer, data, tracker, checkpointer, device)
         status = "FINISHED"
-    except (TrainingInterrupted, KeyboardInterrupt):
+    except TrainingInterrupted:
         status = "KILLED"
+        raise
+    except KeyboardInterrupt:  # a second Ctrl+C: leave quickly, what is undelivered goes to the pending file
+        status, wait_for_mlflow = "KILLED", 3.0
         raise
     except FloatingPointError as error:
         logger.error(str(error))
@@ -102,7 +105,7 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
         if tracker is not None:
             sys.stdout.flush()
             tracker.log_artifact(output_dir / "log.txt")
-            if not tracker.end(status):
+            if not tracker.end(status, timeout=wait_for_mlflow):
                 logger.warning(f"upload later with: python tools/upload_pending.py {output_dir}")
     return output_dir
 
@@ -281,7 +284,7 @@ def stop_on_signals(trainer):
     """SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT interrupts at once."""
     def request_stop(signum, frame):
         name = signal.Signals(signum).name
-        if trainer._stop_reason is not None and signum == signal.SIGINT:
+        if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         logger.warning(f"{name} received: stopping after this step and saving a checkpoint "
                        "(press Ctrl+C again to stop at once)")

@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     except TrainingInterrupted as stop:
         print(f"training interrupted: {stop}; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted at once; continue from the last checkpoint with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as error:
         if args.debug:
             raise
