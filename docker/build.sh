@@ -3,7 +3,8 @@
 # The container user `duser` gets your UID and GID, so files it writes in the repository are yours.
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd -P)
-# shellcheck source=docker/env.sh
+# Sets IMAGE_NAME, CONTAINER_NAME and MLFLOW_PORT. Not followed by shellcheck, so each script passes alone.
+# shellcheck source=/dev/null
 . "$REPO/docker/env.sh"
 
 # The build context is the repository; .dockerignore lets only requirements.txt through.

@@ -2,7 +2,8 @@
 # A shell in the running container, as duser: sh docker/exec.sh [command ...]  (default: bash)
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd -P)
-# shellcheck source=docker/env.sh
+# Sets IMAGE_NAME, CONTAINER_NAME and MLFLOW_PORT. Not followed by shellcheck, so each script passes alone.
+# shellcheck source=/dev/null
 . "$REPO/docker/env.sh"
 
 if [ $# -eq 0 ]; then

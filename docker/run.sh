@@ -5,7 +5,8 @@
 # `docker stop <container name>`; it is removed when stopped.
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd -P)
-# shellcheck source=docker/env.sh
+# Sets IMAGE_NAME, CONTAINER_NAME and MLFLOW_PORT. Not followed by shellcheck, so each script passes alone.
+# shellcheck source=/dev/null
 . "$REPO/docker/env.sh"
 
 # The MLflow UI is published on the host's loopback only. Inside the container it must listen on all

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from config.defaults import REPO_ROOT
 from engine.tracking import LOCAL_STORE, artifact_root
-from tests.test_docker import REPO, command_dir, recorder
+from tests.test_docker import REPO, command_dir, option, recorder
 
 UI_SCRIPT = REPO / "tools" / "mlflow_ui.sh"
 STARTUP_LIMIT_S = 60
@@ -42,7 +43,7 @@ def test_by_default_it_serves_the_engines_local_store_on_127_0_0_1_port_5000(tmp
     result = run_ui_script(repo / "tools" / "mlflow_ui.sh", tmp_path, fakes={"mlflow": recorder(log)})
     assert result.returncode == 0, result.stderr
 
-    store = f"sqlite:///{repo / LOCAL_STORE.relative_to(LOCAL_STORE.parents[1])}"  # <repo>/mlruns/mlflow.db
+    store = f"sqlite:///{repo / LOCAL_STORE.relative_to(REPO_ROOT)}"  # <repo>/mlruns/mlflow.db, as the engine
     artifacts = artifact_root(store)  # where the engine puts a SQLite store's artifacts
     assert log.read_text().splitlines() == [
         "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", "5000",
@@ -61,6 +62,18 @@ def test_it_serves_mlflow_tracking_uri_at_mlflow_port_and_passes_extra_options_o
     arguments = log.read_text().splitlines()
     assert arguments[:7] == ["server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", "5077"]
     assert arguments[-5:] == [artifact_root(store), "--artifacts-destination", artifact_root(store), "--workers", "1"]
+
+
+def test_a_relative_sqlite_path_is_taken_from_the_current_folder_as_the_engine_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log, store = tmp_path / "mlflow-arguments", "sqlite:///runs/mlflow.db"
+    result = run_ui_script(UI_SCRIPT, tmp_path, env={"MLFLOW_TRACKING_URI": store}, fakes={"mlflow": recorder(log)})
+    assert result.returncode == 0, result.stderr
+
+    arguments = log.read_text().splitlines()
+    assert arguments[2] == store  # mlflow reads it from the same folder
+    expected = (tmp_path / "runs" / "artifacts").as_uri()
+    assert option(arguments, "--default-artifact-root") == [artifact_root(store)] == [expected]
 
 
 def test_a_non_sqlite_store_is_served_as_it_is(tmp_path):
@@ -84,14 +97,17 @@ def test_without_mlflow_on_path_it_uses_the_repos_venv(tmp_path):
     assert log.read_text().splitlines()[0] == "server"
 
 
-def test_it_says_what_to_do_when_mlflow_is_missing_or_the_uri_is_already_a_server(tmp_path):
-    missing = run_ui_script(repo_copy(tmp_path) / "tools" / "mlflow_ui.sh", tmp_path)
-    assert missing.returncode == 127 and "make ui" in missing.stderr
+def test_it_says_what_to_do_when_mlflow_is_missing(tmp_path):
+    result = run_ui_script(repo_copy(tmp_path) / "tools" / "mlflow_ui.sh", tmp_path)
+    assert result.returncode == 127 and "make ui" in result.stderr
 
-    remote = subprocess.run(["sh", UI_SCRIPT], env={"PATH": os.environ["PATH"],
-                                                    "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
-    assert remote.returncode == 2 and "already a tracking server" in remote.stderr
+
+def test_it_refuses_to_serve_a_uri_that_is_already_a_server(tmp_path):
+    log = tmp_path / "mlflow-arguments"
+    result = run_ui_script(UI_SCRIPT, tmp_path, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"},
+                           fakes={"mlflow": recorder(log)})
+    assert result.returncode == 2 and "already a tracking server" in result.stderr
+    assert not log.exists()
 
 
 # ---- a real server over a real training run ---------------------------------------------------------------
@@ -123,12 +139,17 @@ def free_port() -> int:
 
 
 def start_ui(store: str, port: int, tmp_path: Path) -> subprocess.Popen:
-    """``sh tools/mlflow_ui.sh`` as `make ui` runs it, in a process group of its own, output to ui.log."""
+    """``sh tools/mlflow_ui.sh`` as `make ui` runs it, in a process group of its own, output to ui.log.
+
+    Kept light for a small test machine: one worker, and none of MLflow's background job runners (about
+    eight more Python processes that this project does not use).
+    """
     env = {name: value for name, value in os.environ.items() if not name.startswith(("_MLFLOW", "MLFLOW"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", MLFLOW_TRACKING_URI=store, MLFLOW_PORT=str(port))
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", MLFLOW_TRACKING_URI=store, MLFLOW_PORT=str(port),
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(tmp_path / "ui.log", "w") as log:
-        return subprocess.Popen(["sh", UI_SCRIPT], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(["sh", UI_SCRIPT, "--workers", "1"], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_until_healthy(server: subprocess.Popen, port: int, log: Path) -> None:
@@ -139,8 +160,9 @@ def wait_until_healthy(server: subprocess.Popen, port: int, log: Path) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
                     return
-        except OSError:
-            time.sleep(0.5)
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.5)
     pytest.fail(f"the UI did not answer /health within {STARTUP_LIMIT_S} s:\n{log.read_text()}")
 
 

@@ -6,7 +6,8 @@
 # the interface it listens on; docker/run.sh sets it inside the container.
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd -P)
-# shellcheck source=docker/env.sh
+# Sets IMAGE_NAME, CONTAINER_NAME and MLFLOW_PORT. Not followed by shellcheck, so each script passes alone.
+# shellcheck source=/dev/null
 . "$REPO/docker/env.sh"
 HOST=${MLFLOW_HOST:-127.0.0.1}
 STORE=${MLFLOW_TRACKING_URI:-sqlite:///$REPO/mlruns/mlflow.db}
