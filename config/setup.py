@@ -41,6 +41,9 @@ def merge_yaml_file(cfg: CfgNode, path: str) -> None:
         raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. config/digits.yaml)")
     try:
         data = yaml.safe_load(file.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; --config-file takes a YAML file such as config/digits.yaml")\
+            from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

@@ -38,7 +38,7 @@ def select_device(gpus: int, backend: str) -> tuple[torch.device, int]:
                           f"set TRAIN.GPUS to at most {available} (-1 = all, 0 = CPU)")
     if gpus == 0 or available == 0:
         if gpus == -1:
-            logger.info("no CUDA device found: training on the CPU")
+            logger.info("no CUDA device found: running on the CPU")
         return torch.device("cpu"), 0
     count = available if gpus == -1 else gpus
     if backend == "ddp" or launched_by_torchrun():

@@ -87,6 +87,8 @@ class IterationTimer(HookBase):
         self._start, self._first_iter = time.perf_counter(), self.trainer.iter
 
     def after_epoch(self):
+        if self.trainer.iter == self._first_iter:
+            return  # resumed exactly at this epoch's end: nothing was timed
         seconds = time.perf_counter() - self._start
         done = (self.trainer.iter - self._first_iter) / self.trainer.iters_per_epoch
         self.trainer.storage.put("epoch_time", seconds, self.trainer.iter)
@@ -202,7 +204,8 @@ class PeriodicCheckpointer(HookBase):
         self.best_acc1 = -math.inf
 
     def after_step(self):
-        if self.period and self.trainer.iter % self.period == 0:
+        at_epoch_end = self.trainer.iter % self.trainer.iters_per_epoch == 0  # after_epoch saves there
+        if self.period and self.trainer.iter % self.period == 0 and not at_epoch_end:
             self._save()
 
     def after_epoch(self):

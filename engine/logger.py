@@ -50,3 +50,6 @@ def restore_streams() -> None:
         if isinstance(stream, _Tee):
             stream.file.close()
             setattr(sys, name, stream.stream)
+    for handler in logging.getLogger("engine").handlers:
+        if isinstance(handler, logging.StreamHandler) and isinstance(handler.stream, _Tee):
+            handler.setStream(sys.stdout)

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -53,15 +54,36 @@ def artifact_root(uri: str) -> str | None:
 def make_client(uri: str):
     from mlflow import MlflowClient
 
-    root = artifact_root(uri)
-    if root and "_MLFLOW_SERVER_ARTIFACT_ROOT" not in os.environ:
-        # MLflow creates the "Default" experiment with this root when it initialises a new database;
-        # without it, that experiment's artifacts would land in ./mlruns of whatever cwd ran first.
-        os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = root
     # MLflow's own HTTP retries can hold a request for minutes; we retry ourselves, in the background.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    return MlflowClient(tracking_uri=uri)
+    root = artifact_root(uri)
+    if root is None:
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates the "Default" experiment of a new database with the artifact root it reads from this
+    # variable when it opens the store (in the constructor or the first request, after which the store is
+    # cached); without it, that experiment's artifacts would land in ./mlruns of whatever the cwd is.
+    with _environment("_MLFLOW_SERVER_ARTIFACT_ROOT", root):
+        client = MlflowClient(tracking_uri=uri)
+        client.get_experiment_by_name("Default")
+    return client
+
+
+@contextmanager
+def _environment(name: str, value: str | None):
+    """Set (or, with None, unset) an environment variable for the duration of the block."""
+    previous = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _sqlite_path(uri: str) -> str:
@@ -147,12 +169,19 @@ class MLflowTracker:
         import mlflow.pytorch
 
         model = model.eval().cpu() if next(model.parameters()).device.type != "cpu" else model.eval()
+        previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
         try:
-            mlflow.set_tracking_uri(self.tracking_uri)
-            with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                info = mlflow.pytorch.log_model(model, name="model", input_example=input_example.numpy(),
-                                                serialization_format="pt2",
-                                                pip_requirements=[f"torch=={_torch_version()}"])
+            # log_model only works through the fluent API, whose tracking URI is process-wide (and exported
+            # to the environment): set it for this call only.
+            with _environment("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")):
+                mlflow.set_tracking_uri(self.tracking_uri)
+                try:
+                    with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+                        info = mlflow.pytorch.log_model(model, name="model", input_example=input_example.numpy(),
+                                                        serialization_format="pt2",
+                                                        pip_requirements=[f"torch=={_torch_version()}"])
+                finally:
+                    mlflow.set_tracking_uri(previous_uri)
             self.client.update_run(self.run_id, status="RUNNING")  # end() sets the final status
             return info.model_uri
         except Exception as error:

@@ -59,6 +59,10 @@ class Trainer:
         self.iters_per_epoch = math.ceil(len(train_batches) / accum_steps)
         self.max_iter = self.iters_per_epoch * max_epochs
         self.iter, self.epoch = 0, 0
+        # Epochs whose after_epoch hooks have run. Usually iter // iters_per_epoch, but a checkpoint taken at
+        # an epoch's last step (periodic, or on a signal) comes before that epoch's evaluation: a resume
+        # from it must still run the epoch-end hooks.
+        self.epochs_completed = 0
         self.storage = MetricStorage()
         self.latest_eval: dict | None = None
         self.exception: BaseException | None = None  # what ended train(), if it raised
@@ -83,10 +87,10 @@ class Trainer:
         logger.info(f"training for {self.max_epochs} epochs ({self.max_iter} iterations), starting at {self.iter}")
         try:
             self._call("before_train")
-            self.epoch = self.iter // self.iters_per_epoch
+            self.epoch = self.epochs_completed
             while self.epoch < self.max_epochs:
                 self._train_one_epoch()
-                self.epoch += 1
+                self.epochs_completed = self.epoch = self.epoch + 1
             self.epoch = self.max_epochs - 1  # hooks in after_train see the last epoch
         except BaseException as error:
             self.exception = error  # hooks look at it in after_train (e.g. checkpoint on interruption)
@@ -181,6 +185,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "iteration": self.iter,
+            "epochs_completed": self.epochs_completed,
             "model": self.unwrapped_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -191,6 +196,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.iter = state["iteration"]
+        self.epochs_completed = state["epochs_completed"]
         self.unwrapped_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

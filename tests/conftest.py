@@ -33,8 +33,8 @@ def isolated_training(workdir: Path):
         yield
     finally:
         os.chdir(previous_cwd)
+        logging.getLogger("engine").handlers.clear()  # detach the logger first, then close the tee
         restore_streams()
-        logging.getLogger("engine").handlers.clear()
         for name, value in saved_env.items():
             os.environ.pop(name, None)
             if value is not None:
@@ -53,7 +53,7 @@ def small_run_opts(run_dir):
     """Command-line overrides for a quick run on 256 synthetic images (6 iterations per epoch)."""
     return [
         "DATA.DATASET_TYPE", "synthetic", "DATA.SYNTHETIC_SIZE", "256", "TRAIN.BATCH_SIZE", "32",
-        "TRAIN.MAX_EPOCHS", "1", "LOG.PROGRESS_BAR", "False",
+        "TRAIN.MAX_EPOCHS", "1", "LOG.PROGRESS_BAR", "False", "MLFLOW.LOG_MODEL", "False",
         "OUTPUT_DIR", str(run_dir / "output"),
         "MLFLOW.TRACKING_URI", f"sqlite:///{run_dir / 'store' / 'mlflow.db'}",
     ]

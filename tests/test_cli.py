@@ -80,3 +80,11 @@ def test_asking_for_more_gpus_than_visible_is_a_clear_error(capfd, run_dir, smal
         f"error: TRAIN.GPUS {too_many} asks for more GPUs than the {too_many - 1} visible; "
         f"set TRAIN.GPUS to at most {too_many - 1} (-1 = all, 0 = CPU)"]
     assert "Traceback" not in err
+
+
+def test_a_config_file_that_is_not_text_is_a_one_line_error(capsys, tmp_path):
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(b"TRAIN:\n  LR: 0.1\n\xff\xfe\x00\n")  # e.g. a .pth passed by mistake
+
+    assert main(["--config-file", str(binary), "OUTPUT_DIR", str(tmp_path / "output")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {binary} is not a text file")

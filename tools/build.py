@@ -65,7 +65,11 @@ def build_network(cfg, device, num_gpus: int) -> torch.nn.Module:
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Load a model_final.pth (plain state_dict) or a checkpoint (its ``model`` entry) into ``model``."""
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"MODEL.WEIGHTS: {error}; give the path of a model_final.pth or checkpoint_*.pth "
+                              "written by this engine") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     try:

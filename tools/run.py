@@ -19,7 +19,8 @@ import torch
 
 from config import ConfigError, flatten_config, load_config
 from config.defaults import REPO_ROOT
-from engine.checkpoint import Checkpointer, atomic_write_bytes
+from config.setup import merge_opts, validate_config
+from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
 from engine.distributed import (
     broadcast_object,
     destroy_process_group,
@@ -33,7 +34,7 @@ from engine.hooks import TrainingInterrupted
 from engine.logger import setup_logging
 from engine.tracking import MLflowTracker, make_client, resolve_tracking_uri
 from tools.build import build_data, build_network, build_trainer
-from tools.run_record import collect_run_record, git_diff, installed_packages
+from tools.run_record import collect_run_record, git_diff, installed_packages, redact_credentials
 
 logger = logging.getLogger("engine")
 
@@ -75,16 +76,18 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
     data = build_data(cfg, device)
     model = build_network(cfg, device, num_gpus)
 
-    previous_run = previous_run_id(output_dir, resumed) if resume else None
-    tracker = start_tracker(cfg, output_dir, previous_run, extra_tags, device, num_gpus) if main else None
+    tracker = make_tracker(cfg, output_dir) if main else None
     trainer = build_trainer(cfg, model, data, device, tracker, checkpointer,
                             before_save=tracker.save_pending if tracker else None)
-    trainer.run_id = broadcast_object(tracker.run_id if tracker else None)  # every rank knows the run
     trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None,
                                          "config": cfg.dump()}
     if resumed is not None:
-        trainer.load_state_dict(resumed[1])
-        logger.info(f"resumed from {resumed[0].name} at iteration {trainer.iter}")
+        restore_trainer(trainer, *resumed)
+    # The MLflow run starts only now, when every mistake in the config or the checkpoint has surfaced.
+    if tracker is not None:
+        previous_run = previous_run_id(output_dir, resumed) if resume else None
+        start_tracker(cfg, output_dir, previous_run, extra_tags, device, num_gpus, tracker=tracker)
+    trainer.run_id = broadcast_object(tracker.run_id if tracker else None)  # every rank knows the run
 
     status, wait_for_mlflow = "FAILED", 60.0
     try:
@@ -178,16 +181,23 @@ def rerun_config(run_id: str, opts: list[str]):
     import tempfile
 
     client = make_client(resolve_tracking_uri(_tracking_uri_from(opts)))
-    try:
-        client.get_run(run_id)
-        config_file = client.download_artifacts(run_id, "config.yaml", tempfile.mkdtemp(prefix="rerun-"))
-    except Exception as error:
-        raise ConfigError(f"cannot fetch config.yaml of MLflow run {run_id}: {str(error).splitlines()[0]}; "
-                          "check the run id and MLFLOW.TRACKING_URI / MLFLOW_TRACKING_URI") from None
+    with tempfile.TemporaryDirectory(prefix="rerun-") as folder:
+        try:
+            client.get_run(run_id)
+            config_file = client.download_artifacts(run_id, "config.yaml", folder)
+        except Exception as error:
+            raise ConfigError(f"cannot fetch config.yaml of MLflow run {run_id}: {str(error).splitlines()[0]}; "
+                              "check the run id and MLFLOW.TRACKING_URI / MLFLOW_TRACKING_URI") from None
+        source = load_config(config_file)
     # A re-run writes to a new output folder unless the command line names one.
     if "OUTPUT_DIR" not in opts[0::2]:
         opts = ["OUTPUT_DIR", ""] + opts
-    return load_config(config_file, opts), {"rerun_of": run_id}
+    cfg = source.clone()
+    cfg.defrost()
+    merge_opts(cfg, opts)
+    validate_config(cfg)
+    cfg.freeze()
+    return cfg, {"rerun_of": run_id}
 
 
 def _tracking_uri_from(opts: list[str]) -> str:
@@ -254,15 +264,21 @@ def check_resume_config(cfg, saved_yaml: str, path: Path) -> None:
                           "resume with the original values, or start a new run in another OUTPUT_DIR")
 
 
-def start_tracker(cfg, output_dir: Path, previous_run: str | None, extra_tags: dict, device,
-                  num_gpus) -> MLflowTracker:
+def make_tracker(cfg, output_dir: Path) -> MLflowTracker:
     def remember(run_id):  # written as soon as the run exists, so --resume finds it even before a checkpoint
         atomic_write_bytes(output_dir / RUN_ID_FILE, run_id.encode())
 
-    tracker = MLflowTracker(resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI), cfg.MLFLOW.EXPERIMENT_NAME,
-                            cfg.MLFLOW.RUN_NAME, pending_dir=output_dir, on_run_id=remember)
+    return MLflowTracker(resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI), cfg.MLFLOW.EXPERIMENT_NAME,
+                         cfg.MLFLOW.RUN_NAME, pending_dir=output_dir, on_run_id=remember)
+
+
+def start_tracker(cfg, output_dir: Path, previous_run: str | None, extra_tags: dict, device, num_gpus,
+                  tracker: MLflowTracker | None = None) -> MLflowTracker:
+    """Create (or re-attach) the run with params and the run record, and queue config.yaml and the freeze."""
+    tracker = tracker or make_tracker(cfg, output_dir)
     tags = {**collect_run_record(cfg, device, num_gpus), **extra_tags}
-    run_id = tracker.start(flatten_config(cfg), tags=tags, run_id=previous_run)
+    params = {key: redact_credentials(value) for key, value in flatten_config(cfg).items()}
+    run_id = tracker.start(params, tags=tags, run_id=previous_run)
     logger.info(f"MLflow run {run_id or '(pending)'} in experiment '{cfg.MLFLOW.EXPERIMENT_NAME}' "
                 f"at {tracker.tracking_uri}")
     tracker.log_artifact(output_dir / "config.yaml")
@@ -270,6 +286,16 @@ def start_tracker(cfg, output_dir: Path, previous_run: str | None, extra_tags: d
     if tags.get("git_dirty") == "True":
         tracker.log_text(git_diff(), "git_diff.patch")
     return tracker
+
+
+def restore_trainer(trainer, path: Path, state: dict) -> None:
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError) as error:
+        detail = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({detail}); "
+                              "resume with the config it was written with") from None
+    logger.info(f"resumed from {path.name} at iteration {trainer.iter}")
 
 
 def previous_run_id(output_dir: Path, resumed) -> str | None:

@@ -5,6 +5,7 @@ by the caller only when useful (a dirty tree), the rest as short tags.
 """
 
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -15,12 +16,14 @@ from config.defaults import REPO_ROOT
 from engine.distributed import get_world_size
 
 
-def _git(*args) -> str | None:
+def _git(*args, strip: bool = True) -> str | None:
     try:
         result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() if strip else result.stdout
 
 
 def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
@@ -29,7 +32,7 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
     record = {
         "mlflow.source.name": "tools/train_net.py",
         "mlflow.source.type": "LOCAL",
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": redact_credentials(shlex.join([sys.executable, *sys.argv])),
         "seed": str(cfg.SEED),
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
@@ -45,9 +48,14 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
     return record
 
 
+def redact_credentials(value):
+    """``http://user:secret@host`` -> ``http://user:***@host``: passwords never reach MLflow."""
+    return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", value) if isinstance(value, str) else value
+
+
 def git_diff() -> str:
     """The uncommitted changes to tracked files ('' for a clean tree or outside git)."""
-    return _git("diff", "HEAD") or ""
+    return _git("diff", "HEAD", strip=False) or ""  # exactly as git prints it, so `git apply` takes it
 
 
 def installed_packages() -> str:

@@ -1,0 +1,46 @@
+"""``tools/benchmark.py`` (``make bench``) on a tiny workload: every mode runs and the report keeps its shape.
+
+Nothing is timed here: the numbers belong to the machine. The benchmark runs as a subprocess, as ``make bench``
+runs it, with its temporary folder under the test's own.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tools.benchmark import MODES
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
+TINY = ["--images", "512", "--epochs", "1", "--repeats", "1", "--threads", "1"]
+
+
+def run_benchmark(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the benchmark must use its own store whatever the shell says
+    return subprocess.run([sys.executable, str(BENCHMARK), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=540)
+
+
+def test_every_mode_is_in_the_table_and_the_last_line_is_the_engine_bare_ratio(tmp_path):
+    result = run_benchmark(tmp_path, *TINY)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    for mode in MODES:  # mode, images/s, ratio to bare, median epoch seconds, ...
+        assert any(re.match(rf"^{mode}\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\d\s", line) for line in lines), mode
+    for ratio in ("engine/engine_no_mlflow", "engine_augment/engine", "dataloader/torchvision_folder"):
+        assert any(re.match(rf"^\s+{ratio}\s+\d+\.\d\d\s", line) for line in lines), ratio
+    assert any("checkpoint at the epoch end" in line for line in lines)
+    assert any("metric flush" in line for line in lines)
+    assert "final weights engine == engine_no_mlflow (torch.equal): True" in result.stdout
+    assert re.fullmatch(r"engine/bare \d+\.\d\d", lines[-1])
+    assert list(tmp_path.iterdir()) == []  # the temporary folder, MLflow store and PNG files included, is gone
+
+
+def test_a_mistyped_mode_is_one_clear_error(tmp_path):
+    result = run_benchmark(tmp_path, "--modes", "bare,engnie")
+
+    assert result.returncode == 2
+    assert "unknown mode 'engnie'" in result.stderr

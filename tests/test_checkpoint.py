@@ -1,0 +1,117 @@
+"""Checkpoint files: atomic writes, weights-only loads, the newest valid checkpoint, and keep-N pruning."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from engine.checkpoint import POINTER, Checkpointer, CheckpointError, atomic_write_bytes, load_file, save_file
+
+
+def state(iteration: int) -> dict:
+    return {"iteration": iteration, "model": {"weight": torch.full((2, 2), float(iteration))}}
+
+
+def saved_names(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def test_a_save_leaves_only_the_checkpoint_and_the_pointer(tmp_path):
+    path = Checkpointer(tmp_path).save(7, state(7))
+
+    assert path == tmp_path / "checkpoint_00000007.pth"
+    assert saved_names(tmp_path) == ["checkpoint_00000007.pth", POINTER]  # no temporary file left behind
+    assert (tmp_path / POINTER).read_text() == "checkpoint_00000007.pth"
+    assert torch.equal(load_file(path)["model"]["weight"], torch.full((2, 2), 7.0))
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_path, monkeypatch):
+    target = tmp_path / "model.pth"
+    save_file({"version": torch.tensor(1)}, target)
+
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(CheckpointError, match=r"could not write .*model.pth: No space left on device"):
+        save_file({"version": torch.tensor(2)}, target)
+
+    assert saved_names(tmp_path) == ["model.pth"]
+    assert load_file(target)["version"] == 1
+
+
+def test_atomic_write_replaces_the_whole_file(tmp_path):
+    target = tmp_path / "note"
+    atomic_write_bytes(target, b"first, longer content")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert saved_names(tmp_path) == ["note"]
+
+
+class NotAWeight:
+    pass
+
+
+def test_loading_refuses_anything_but_weights(tmp_path):
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model": {}, "payload": NotAWeight()}, path)  # would need unpickling a class to load
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*unsafe.pth"):
+        load_file(path)
+
+
+def test_a_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nothing.pth"):
+        load_file(tmp_path / "nothing.pth")
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=5)
+    for iteration in (10, 20, 30):
+        checkpointer.save(iteration, state(iteration))
+    newest = tmp_path / "checkpoint_00000030.pth"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    path, loaded = checkpointer.load_newest_valid()
+    assert path.name == "checkpoint_00000020.pth"
+    assert loaded["iteration"] == 20
+
+
+def test_the_pointer_names_the_newest_even_when_a_stray_file_sorts_later(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=5)
+    checkpointer.save(20, state(20))
+    checkpointer.save(10, state(10))  # e.g. a run restarted from iteration 10 in the same folder
+    path, loaded = checkpointer.load_newest_valid()
+    assert path.name == "checkpoint_00000010.pth" and loaded["iteration"] == 10
+
+
+def test_no_valid_checkpoint_gives_none(tmp_path):
+    checkpointer = Checkpointer(tmp_path)
+    assert checkpointer.load_newest_valid() is None
+    (tmp_path / "checkpoint_00000005.pth").write_bytes(b"garbage")
+    assert checkpointer.load_newest_valid() is None
+
+
+def test_only_the_newest_keep_checkpoints_remain(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for iteration in range(1, 6):
+        checkpointer.save(iteration, state(iteration))
+        checkpointer.save_model("model_best.pth", nn.Linear(2, 2))
+
+    assert [p.name for p in checkpointer.checkpoints()] == ["checkpoint_00000004.pth", "checkpoint_00000005.pth"]
+    assert (tmp_path / "model_best.pth").is_file()  # named models are not pruned
+
+
+def test_a_saved_model_is_a_plain_state_dict(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    path = Checkpointer(tmp_path).save_model("model_final.pth", model)
+    loaded = torch.load(path, weights_only=True)
+    assert set(loaded) == {"0.weight", "0.bias"}
+    assert torch.equal(loaded["0.weight"], model[0].weight)
+
+
+def test_a_disabled_checkpointer_writes_nothing(tmp_path):
+    checkpointer = Checkpointer(tmp_path, enabled=False)  # e.g. ranks other than 0
+    checkpointer.save(1, state(1))
+    checkpointer.save_model("model_final.pth", nn.Linear(2, 2))
+    assert saved_names(tmp_path) == []

@@ -1,0 +1,509 @@
+#!/usr/bin/env python
+"""Training throughput of the engine against a bare PyTorch loop on the same data, model and optimizer.
+
+    python tools/benchmark.py                                # CPU, 10,240 CIFAR-shaped images, every mode
+    python tools/benchmark.py --modes bare,engine --epochs 3 --device cuda
+
+Modes, all run in this one process with the same number of torch threads:
+  bare                hand-written loop (forward, loss, backward, SGD step) over pre-normalized float tensors
+                      in memory, no logging: the limit
+  engine              the Trainer as tools/train_net.py builds it (tools/build.py): metrics to MLflow in a SQLite
+                      store, a checkpoint at every epoch end, the progress bar (drawn into /dev/null),
+                      DATA.TRANSFORM_LIST to_tensor, normalize
+  engine_no_mlflow    engine without a tracker
+  engine_augment      engine with random_crop and random_horizontal_flip
+  dataloader          engine reading the same images as PNG files (DATA.DATASET_TYPE image_folder,
+                      DATA.NUM_WORKERS workers): the engine's DataLoader path
+  torchvision_folder  torchvision.datasets.ImageFolder + DataLoader (ToTensor, Normalize in the workers) and the
+                      bare loop
+
+Evaluation is off on every side: the val split holds one image (one per class for the folder) and the EvalHook
+is removed, since it runs after the last epoch whatever EVAL.PERIOD says. Each run trains one warm-up epoch,
+then --epochs timed epochs (an engine epoch ends after its last hook, checkpoint included); the order of the
+modes is reversed every other repeat and the median epoch is reported. Everything is written under one
+temporary folder that is removed at the end. The last line printed is ``engine/bare <ratio>``.
+"""
+
+import argparse
+import gc
+import logging
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from config import ConfigError, load_config  # noqa: E402
+from datasets import build_datasets  # noqa: E402
+from datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from engine.checkpoint import Checkpointer, atomic_write_bytes  # noqa: E402
+from engine.distributed import select_device  # noqa: E402
+from engine.hooks import EvalHook, HookBase, MetricWriter, PeriodicCheckpointer, ProgressBar  # noqa: E402
+from tools.build import build_data, build_network, build_trainer  # noqa: E402
+from tools.run import configure_reproducibility, start_tracker  # noqa: E402
+
+MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "dataloader", "torchvision_folder")
+AUGMENT = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]  # the usual CIFAR recipe order
+TARGETS = (  # numerator, denominator, minimum ratio of images/s
+    ("engine", "engine_no_mlflow", 0.98),
+    ("engine_augment", "engine", 0.90),
+    ("dataloader", "torchvision_folder", 0.95),
+    ("engine", "bare", 0.95),
+)
+COST_SAMPLES = 5  # metric flushes and checkpoints timed after each engine run
+DELIVERY_THREAD = "mlflow-delivery"  # the name engine/tracking.py gives its background thread
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10240, help="training images (default 10240)")
+    parser.add_argument("--batch-size", type=int, default=128, help="TRAIN.BATCH_SIZE (default 128)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after one warm-up (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of every mode, order reversed every other")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the folder modes (default 2)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help=f"torch threads for every mode (default {torch.get_num_threads()}, torch's own)")
+    args = parser.parse_args(argv)
+    args.modes = [name.strip() for name in args.modes.split(",") if name.strip()]
+    unknown = [name for name in args.modes if name not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"unknown mode {unknown[0] if unknown else '(none)'!r} in --modes; choose from {', '.join(MODES)}")
+    if args.images < 2 * args.batch_size or min(args.epochs, args.repeats, args.threads) < 1 or args.workers < 0:
+        parser.error("use --images >= 2 batches, --epochs, --repeats and --threads >= 1, --workers >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
+    return args
+
+
+class Workspace:
+    """The benchmark's temporary folder: one MLflow store, one OUTPUT_DIR per run, the PNG tree."""
+
+    def __init__(self, root: Path, args):
+        self.root, self.args = root, args
+        self.devnull = open(os.devnull, "w")  # noqa: SIM115 - closed in close()
+        self._runs = 0
+        self._folder: Path | None = None
+
+    def close(self) -> None:
+        self.devnull.close()
+
+    def config(self, mode: str, opts=()):
+        """The run's frozen config: synthetic data whose train split holds exactly ``--images`` images."""
+        self._runs += 1
+        images = self.args.images
+        base = [
+            "DATA.DATASET_TYPE", "synthetic", "DATA.SYNTHETIC_SIZE", str(images + 1),
+            "DATA.VALIDATION_SIZE", repr(0.5 / (images + 1)),  # rounds to the minimum of one val image
+            "DATA.NUM_WORKERS", str(self.args.workers), "TRAIN.BATCH_SIZE", str(self.args.batch_size),
+            "TRAIN.MAX_EPOCHS", str(1 + self.args.epochs), "TRAIN.GPUS", "0" if self.args.device == "cpu" else "1",
+            "OUTPUT_DIR", str(self.root / "runs" / f"{self._runs:03d}-{mode}"),
+            "MLFLOW.TRACKING_URI", f"sqlite:///{self.root / 'store' / 'mlflow.db'}",
+            "MLFLOW.EXPERIMENT_NAME", "benchmark", "MLFLOW.RUN_NAME", mode,
+        ]
+        return load_config(None, base + list(opts))
+
+    def image_folder(self) -> Path:
+        """The synthetic train split as PNG files in ImageFolder layout (written once); val: one image per class."""
+        if self._folder is None:
+            cfg = self.config("folder")
+            split = build_datasets(cfg).train
+            self._folder = self.root / "folder"
+            write_png_tree(self._folder / "train", split.images, split.labels, cfg.DATA.CLASSES)
+            one_each = torch.zeros(len(cfg.DATA.CLASSES), dtype=torch.int64)
+            write_png_tree(self._folder / "val", split.images[one_each], torch.arange(len(one_each)), cfg.DATA.CLASSES)
+        return self._folder
+
+
+def write_png_tree(folder: Path, images: torch.Tensor, labels: torch.Tensor, class_names) -> None:
+    from PIL import Image
+
+    for name in class_names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    pixels = images.permute(0, 2, 3, 1).numpy()
+    for index, (image, label) in enumerate(zip(pixels, labels.tolist(), strict=True)):
+        Image.fromarray(image).save(folder / class_names[label] / f"{index:06d}.png")
+
+
+# ---- measuring -----------------------------------------------------------------------------------------------
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA memory allocated, or the main process's resident set (VmHWM).
+
+    Linux resets VmHWM to the current RSS through /proc/self/clear_refs; elsewhere the peak is the process's.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.mib = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+            return
+        try:
+            status = Path("/proc/self/status").read_text()
+            self.mib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+        except (OSError, AttributeError):
+            import resource
+
+            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class EpochTimes:
+    """Wall and CPU seconds of each epoch, and the CPU seconds the MLflow delivery thread spent in it."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall: list[float] = []
+        self.cpu: list[float] = []  # this process, all its threads (DataLoader workers are other processes)
+        self.delivery_cpu: list[float] = []
+        self._marks = (0.0, 0.0, 0.0)
+
+    def start(self) -> None:
+        self._marks = (time.perf_counter(), time.process_time(), thread_cpu_seconds(DELIVERY_THREAD))
+
+    def lap(self) -> None:
+        synchronize(self.device)
+        previous, self._marks = self._marks, None
+        self.start()
+        for laps, now, before in zip((self.wall, self.cpu, self.delivery_cpu), self._marks, previous, strict=True):
+            laps.append(now - before)
+
+
+class EpochClock(HookBase):
+    """Registered after every other hook: an epoch lasts until its last ``after_epoch`` hook has returned."""
+
+    def __init__(self, device):
+        self.times = EpochTimes(device)
+
+    def before_train(self):
+        self.times.start()
+
+    def after_epoch(self):
+        self.times.lap()
+
+
+def thread_cpu_seconds(name: str) -> float:
+    """CPU seconds used so far by this process's live threads called ``name`` (Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name != name or not thread.native_id:
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+@dataclass
+class RunResult:
+    times: EpochTimes  # every epoch, the warm-up first
+    peak_mib: float
+    weights: dict | None = None  # final state_dict on the CPU (engine modes)
+    costs: dict | None = None  # seconds of one metric flush / delivery / checkpoint (engine mode)
+
+
+@dataclass
+class ModeStats:
+    wall: list[float] = field(default_factory=list)  # timed epochs of every repeat
+    cpu: list[float] = field(default_factory=list)
+    delivery_cpu: list[float] = field(default_factory=list)
+    peak_mib: float = 0.0
+    weights: list[dict] = field(default_factory=list)
+    costs: list[dict] = field(default_factory=list)
+
+
+def measure_costs(trainer, tracker, period: int) -> dict:
+    """Seconds of one metric flush (training thread), its delivery to MLflow (background thread), and one
+    epoch-end checkpoint; timed on the finished engine's own hooks, median of COST_SAMPLES."""
+    writer = next(hook for hook in trainer.hooks if isinstance(hook, MetricWriter))
+    saver = next(hook for hook in trainer.hooks if isinstance(hook, PeriodicCheckpointer))
+    tracker.flush()
+    step, flush, delivery, checkpoint = trainer.iter, [], [], []
+    for _ in range(COST_SAMPLES):
+        step = put_one_period(trainer, step, period)
+        start = time.perf_counter()
+        writer.write()
+        written = time.perf_counter()
+        tracker.flush()
+        flush.append(written - start)
+        delivery.append(time.perf_counter() - written)
+        step = put_one_period(trainer, step, period)
+        writer.write()  # as at an epoch end: the checkpoint saves the records not yet delivered
+        start = time.perf_counter()
+        saver.after_epoch()
+        checkpoint.append(time.perf_counter() - start)
+        tracker.flush()
+    return {"flush": statistics.median(flush), "delivery": statistics.median(delivery),
+            "checkpoint": statistics.median(checkpoint),
+            "flushes_per_epoch": trainer.iters_per_epoch // period + 1}  # every `period` steps + epoch end
+
+
+def put_one_period(trainer, step: int, period: int) -> int:
+    """What ``period`` training steps leave in the storage: a device loss and a float LR per step."""
+    for _ in range(period):
+        step += 1
+        trainer.storage.put("train_loss", torch.rand((), device=trainer.device), step)
+        trainer.storage.put("lr", 0.01, step)
+    return step
+
+
+# ---- the modes -----------------------------------------------------------------------------------------------
+def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, with_costs: bool = False):
+    """Build and train exactly as tools/run.py does (minus the final evaluation and model logging)."""
+    cfg = workspace.config(mode, opts)
+    output_dir = Path(cfg.OUTPUT_DIR)
+    output_dir.mkdir(parents=True)
+    atomic_write_bytes(output_dir / "config.yaml", cfg.dump().encode())
+    configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
+    device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
+    data = build_data(cfg, device)
+    model = build_network(cfg, device, num_gpus)
+    tracker = start_tracker(cfg, output_dir, None, {"benchmark_mode": mode}, device, num_gpus) if tracked else None
+    trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(output_dir, keep=cfg.CHECKPOINT.KEEP),
+                            before_save=tracker.save_pending if tracker else None)
+    trainer.run_id = tracker.run_id if tracker else None
+    trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None, "config": cfg.dump()}
+    trainer.hooks = [hook for hook in trainer.hooks if not isinstance(hook, EvalHook)]
+    for hook in trainer.hooks:
+        if isinstance(hook, ProgressBar):
+            hook.stream = workspace.devnull  # still enabled and drawn, just not on the terminal
+    clock = EpochClock(device)
+    trainer.register_hooks([clock])
+    with PeakMemory(device) as memory:
+        trainer.train()
+    costs = measure_costs(trainer, tracker, cfg.LOG.PERIOD) if with_costs and tracker else None
+    if tracker is not None:
+        tracker.end("FINISHED")
+    weights = {name: value.detach().cpu().clone() for name, value in trainer.unwrapped_model.state_dict().items()}
+    return RunResult(clock.times, memory.mib, weights, costs)
+
+
+def train_loop(model, optimizer, batches, epochs: int, device) -> EpochTimes:
+    """The limit: forward, loss, backward, step, and nothing else."""
+    times = EpochTimes(device)
+    times.start()
+    for epoch in range(epochs):
+        for images, labels in batches(epoch):
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        times.lap()
+    return times
+
+
+def bare_model(cfg, device):
+    configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
+    model = build_network(cfg, device, num_gpus=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM,
+                                weight_decay=cfg.TRAIN.WEIGHT_DECAY)
+    return model, optimizer
+
+
+def run_bare(workspace: Workspace) -> RunResult:
+    cfg = workspace.config("bare")
+    device = torch.device(workspace.args.device)
+    splits = build_datasets(cfg)
+    mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
+    std = torch.tensor(splits.std).view(1, -1, 1, 1)
+    images = ((splits.train.images.float() / 255 - mean) / std).to(device)
+    labels = splits.train.labels.to(device)
+    model, optimizer = bare_model(cfg, device)
+
+    def batches(epoch):
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.SEED + epoch)).to(device)
+        for index in order.split(cfg.TRAIN.BATCH_SIZE):
+            yield images[index], labels[index]
+
+    with PeakMemory(device) as memory:
+        times = train_loop(model, optimizer, batches, cfg.TRAIN.MAX_EPOCHS, device)
+    return RunResult(times, memory.mib)
+
+
+def run_torchvision_folder(workspace: Workspace) -> RunResult:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms
+
+    cfg = workspace.config("torchvision_folder")
+    device = torch.device(workspace.args.device)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = tv_datasets.ImageFolder(str(workspace.image_folder() / "train"), transform=transform)
+    workers = min(cfg.DATA.NUM_WORKERS, os.cpu_count() or 1)  # the engine's cap (datasets/batches.py)
+    loader = DataLoader(dataset, batch_size=cfg.TRAIN.BATCH_SIZE, shuffle=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.SEED))
+    model, optimizer = bare_model(cfg, device)
+
+    def batches(epoch):
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    with PeakMemory(device) as memory:
+        times = train_loop(model, optimizer, batches, cfg.TRAIN.MAX_EPOCHS, device)
+    return RunResult(times, memory.mib)
+
+
+def run_mode(workspace: Workspace, mode: str, with_costs: bool) -> RunResult:
+    if mode == "bare":
+        return run_bare(workspace)
+    if mode == "torchvision_folder":
+        return run_torchvision_folder(workspace)
+    if mode == "dataloader":
+        folder_opts = ["DATA.DATASET_TYPE", "image_folder", "DATA.ROOT", str(workspace.image_folder())]
+        return run_engine(workspace, mode, folder_opts)
+    if mode == "engine_augment":
+        return run_engine(workspace, mode, ["DATA.TRANSFORM_LIST", repr(AUGMENT)])
+    return run_engine(workspace, mode, tracked=mode == "engine", with_costs=with_costs)
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+def images_per_second(stats: ModeStats, images: int) -> float:
+    return images / statistics.median(stats.wall)
+
+
+def ratio_text(results: dict, numerator: str, denominator: str, images: int) -> str | None:
+    if numerator not in results or denominator not in results:
+        return None
+    ratio = images_per_second(results[numerator], images) / images_per_second(results[denominator], images)
+    return f"{ratio:.2f}"
+
+
+def print_report(results: dict, args) -> None:
+    memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
+    base = results.get("bare")
+    print(f"\n{'mode':<20}{'images/s':>10}{'vs bare':>9}{'epoch s':>9}{'min-max s':>13}{'cpu s':>8}{memory:>15}")
+    for mode, stats in results.items():
+        speed = images_per_second(stats, args.images)
+        versus = f"{speed / images_per_second(base, args.images):.2f}" if base else "n/a"
+        spread = f"{min(stats.wall):.2f}-{max(stats.wall):.2f}"
+        print(f"{mode:<20}{speed:>10.1f}{versus:>9}{statistics.median(stats.wall):>9.2f}{spread:>13}"
+              f"{statistics.median(stats.cpu):>8.2f}{stats.peak_mib:>15.0f}")
+    print("(medians over the timed epochs of every repeat; cpu s: CPU seconds of this process per epoch, all its "
+          "threads, DataLoader workers not included; peak memory of this process)")
+    print(f"\ntargets ({args.device}):")
+    for numerator, denominator, minimum in TARGETS:
+        ratio = ratio_text(results, numerator, denominator, args.images)
+        verdict = "n/a" if ratio is None else ("met" if float(ratio) >= minimum else "MISSED")
+        print(f"  {numerator + '/' + denominator:<31}{ratio or 'n/a':>6}  (>= {minimum:.2f})  {verdict}")
+    print_costs(results)
+    print_weights_check(results)
+
+
+def print_costs(results: dict) -> None:
+    engine = results.get("engine")
+    if engine is None or not engine.costs:
+        return
+    costs = {key: statistics.median(sample[key] for sample in engine.costs) for key in engine.costs[0]}
+    epoch = statistics.median(engine.wall)
+    flushes = int(costs["flushes_per_epoch"])
+    on_thread = flushes * costs["flush"] + costs["checkpoint"]
+    delivery = statistics.median(engine.delivery_cpu)
+    print(f"\nper-epoch costs of engine (epoch {epoch:.2f} s; single operations timed {COST_SAMPLES}x after each run):")
+    print(f"  checkpoint at the epoch end          {costs['checkpoint'] * 1e3:7.1f} ms  training thread, x1 per epoch")
+    print(f"  metric flush (MetricWriter.write)    {costs['flush'] * 1e3:7.1f} ms  training thread, "
+          f"x{flushes} per epoch")
+    print(f"  -> on the training thread per epoch  {on_thread * 1e3:7.1f} ms  = {on_thread / epoch:.1%} of the epoch")
+    print(f"  one flush delivered to MLflow        {costs['delivery'] * 1e3:7.1f} ms  wall, background thread")
+    print(f"  delivery thread CPU per timed epoch  {delivery * 1e3:7.1f} ms  = {delivery / epoch:.1%} of the epoch, "
+          "competing with training for the cores and the GIL")
+
+
+def print_weights_check(results: dict) -> None:
+    if "engine" not in results or "engine_no_mlflow" not in results:
+        return
+    pairs = zip(results["engine"].weights, results["engine_no_mlflow"].weights, strict=True)
+    equal = all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in pairs)
+    print(f"\nlogging must not change results: final weights engine == engine_no_mlflow (torch.equal): {equal}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logger = logging.getLogger("engine")  # the console lines are formatted as in a real run, then dropped
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    import mlflow  # noqa: F401 - mlflow sets its loggers' levels on import: quiet them after that
+
+    for noisy in ("mlflow", "alembic"):  # "creating initial MLflow database tables" and the like
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.perf_counter()
+    print(f"benchmark: {args.images} images, batch {args.batch_size}, 1 warm-up + {args.epochs} timed epochs, "
+          f"{args.repeats} repeats, {args.device}, {args.threads} torch threads, {args.workers} workers, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete for "
+              "the CPU and the timings are noisy (torch's OpenMP threads suffer most; compare with --threads 1)",
+              flush=True)
+    results = {mode: ModeStats() for mode in args.modes}
+    with tempfile.TemporaryDirectory(prefix="benchmark-", ignore_cleanup_errors=True) as root:
+        workspace = Workspace(Path(root), args)
+        logger.handlers = [logging.StreamHandler(workspace.devnull)]
+        tempfile.tempdir = root  # the tracker's own temporary files (log_text) land here too, and go with it
+        try:
+            for repeat in range(args.repeats):
+                for mode in args.modes if repeat % 2 == 0 else args.modes[::-1]:
+                    torch.set_num_threads(args.threads)
+                    run_started = time.perf_counter()
+                    result = run_mode(workspace, mode, with_costs=True)
+                    gc.collect()  # ends the previous run's DataLoader workers before the next run starts
+                    record(results[mode], result)
+                    print(f"  repeat {repeat + 1}/{args.repeats}  {mode:<20}epochs "
+                          f"{' '.join(f'{s:.2f}' for s in result.times.wall)} s (warm-up first), whole run "
+                          f"{time.perf_counter() - run_started:.1f} s", flush=True)
+        finally:
+            tempfile.tempdir = None
+            logger.handlers = []
+            workspace.close()
+    print_report(results, args)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s, load average now {os.getloadavg()[0]:.2f}")
+    print(f"engine/bare {ratio_text(results, 'engine', 'bare', args.images) or 'n/a'}")
+    return 0
+
+
+def record(stats: ModeStats, result: RunResult) -> None:
+    """Add a run's timed epochs (the warm-up left out) to its mode's statistics."""
+    stats.wall += result.times.wall[1:]
+    stats.cpu += result.times.cpu[1:]
+    stats.delivery_cpu += result.times.delivery_cpu[1:]
+    stats.peak_mib = max(stats.peak_mib, result.peak_mib)
+    if result.weights is not None:
+        stats.weights.append(result.weights)
+    if result.costs is not None:
+        stats.costs.append(result.costs)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
