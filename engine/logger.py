@@ -45,11 +45,11 @@ def setup_logging(output_dir=None, main_process: bool = True) -> Path | None:
 
 def restore_streams() -> None:
     """Undo the tee (used by tests that run several trainings in one process)."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if isinstance(stream, _Tee):
-            stream.file.close()
-            setattr(sys, name, stream.stream)
+    tees = [getattr(sys, name) for name in ("stdout", "stderr") if isinstance(getattr(sys, name), _Tee)]
+    for tee in tees:
+        setattr(sys, "stdout" if tee.stream is sys.__stdout__ else "stderr", tee.stream)
     for handler in logging.getLogger("engine").handlers:
         if isinstance(handler, logging.StreamHandler) and isinstance(handler.stream, _Tee):
-            handler.setStream(sys.stdout)
+            handler.setStream(sys.stdout)  # before the file closes: setStream flushes the old stream
+    for tee in tees:
+        tee.file.close()

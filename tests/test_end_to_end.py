@@ -169,8 +169,6 @@ def test_two_runs_in_one_process_keep_artifacts_beside_their_own_store(run_dir, 
     assert not (run_dir / "mlruns").exists()  # nothing in the cwd (the repository, for `make train`)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: engine/logger.py restore_streams closes the tee's log file, then "
-                   "calls handler.setStream(), which flushes that tee and raises ValueError (I/O on closed file)")
 def test_engine_logging_keeps_working_after_restore_streams(tmp_path, capsys):
     setup_logging(tmp_path)
     restore_streams()
