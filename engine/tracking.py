@@ -145,19 +145,23 @@ class MLflowTracker:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         """Render now (the figure may change later), upload in the background."""
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="figure-"))
-        path = folder / Path(artifact_file).name
+        path = self._artifact_path(artifact_file)
         figure.savefig(path)
-        self._queue.put(("artifact", str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None))
+        self._queue.put(("artifact", str(path), None))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        import tempfile
-
-        path = Path(tempfile.mkdtemp(prefix="text-")) / artifact_file
+        path = self._artifact_path(artifact_file)
         path.write_text(text)
         self._queue.put(("artifact", str(path), None))
+
+    def _artifact_path(self, name: str) -> Path:
+        """Where a generated artifact waits for its upload: OUTPUT_DIR/mlflow_artifacts, so that it is still
+        there for tools/upload_pending.py when MLflow was unreachable."""
+        import tempfile
+
+        folder = self.pending_dir / "mlflow_artifacts" if self.pending_dir else Path(tempfile.mkdtemp())
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / Path(name).name
 
     def log_model(self, model, input_example, timeout: float = 120.0) -> str | None:
         """``mlflow.pytorch.log_model`` of the plain module, in torch.export's "pt2" format (loading it back
@@ -206,7 +210,9 @@ class MLflowTracker:
         if not pending:
             path.unlink(missing_ok=True)
             return
-        header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment_name, "run_id": self.run_id}
+        # Enough to create the run later (tools/upload_pending.py) if it never existed.
+        header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment_name, "run_id": self.run_id,
+                  "run_name": self.run_name, "params": self._params or {}, "tags": self._tags}
         lines = [json.dumps(header)] + [json.dumps(item) for item in pending]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         if not quiet:
@@ -277,7 +283,7 @@ class MLflowTracker:
         if self.pending_dir is None or not (self.pending_dir / PENDING_FILE).is_file():
             return
         _, items = read_pending_file(self.pending_dir / PENDING_FILE)
-        self._queue.extend([tuple(item) for item in items if item[0] == "metric"])
+        self._queue.extend([tuple(item) for item in items if item[0] in ("metric", "artifact", "tags")])
 
 
 def read_pending_file(path: Path) -> tuple[dict, list]:

@@ -3,9 +3,9 @@
 
     python tools/upload_pending.py OUTPUT_DIR [--tracking-uri URI]
 
-Reads OUTPUT_DIR/mlflow_pending.jsonl, re-attaches (or creates) the run, logs the metrics it lacks (steps
-already in the run are skipped, so running it twice is harmless), uploads config.yaml and log.txt, sets
-the final status, and removes the file once everything arrived.
+Reads OUTPUT_DIR/mlflow_pending.jsonl, re-attaches (or creates, with its params and tags) the run, logs
+the metrics it lacks (steps already in the run are skipped, so running it twice is harmless), uploads the
+pending artifacts and the final log.txt, sets the final status, and removes the file once all arrived.
 """
 
 import argparse
@@ -14,7 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from config import flatten_config, load_config  # noqa: E402
 from engine.tracking import PENDING_FILE, MLflowTracker, read_pending_file  # noqa: E402
 
 
@@ -31,16 +30,13 @@ def main(argv=None) -> int:
     header, items = read_pending_file(pending_path)
     run_id = header.get("run_id") or _read(args.output_dir / "mlflow_run_id")
     tracker = MLflowTracker(args.tracking_uri or header["tracking_uri"], header["experiment"],
-                            pending_dir=args.output_dir)
-    config_file = args.output_dir / "config.yaml"
-    params = flatten_config(load_config(str(config_file))) if config_file.is_file() else {}
-    tracker.start(params, run_id=run_id)  # re-queues the pending file's metrics; params only if it lacks them
+                            header.get("run_name", ""), pending_dir=args.output_dir)
+    # Re-queues the pending file's metrics, artifacts and tags; params and tags apply when the run is new.
+    tracker.start(header.get("params", {}), tags=header.get("tags", {}), run_id=run_id)
     if tracker.run_id is None:
         print(f"error: MLflow at {tracker.tracking_uri} is still unreachable; try again later", file=sys.stderr)
         return 1
-    for name in ("config.yaml", "log.txt"):
-        if (args.output_dir / name).is_file():
-            tracker.log_artifact(args.output_dir / name)
+    tracker.log_artifact(args.output_dir / "log.txt")  # the final log, whatever was queued before
     status = next((item[1] for item in reversed(items) if item[0] == "status"), "FINISHED")
     if not tracker.end(status, timeout=args.timeout):
         print(f"error: some records are still undelivered; they stay in {pending_path}", file=sys.stderr)
