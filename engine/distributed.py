@@ -75,8 +75,23 @@ def init_distributed(backend_name: str, gpus: int) -> tuple[int, int]:
         use_cuda = torch.cuda.is_available() and gpus != 0
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", **_fresh_store_after_restart())
     return get_rank(), get_world_size()
+
+
+def _fresh_store_after_restart() -> dict:
+    """After ``torchrun --max-restarts`` restarted the workers, the agent's key-value store still holds the
+    addresses the dead attempt published, and the new group may connect to them (pytorch#135712). Each
+    attempt then gets its own key prefix in that store."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    from datetime import timedelta
+
+    agent_store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                             is_master=False, timeout=timedelta(minutes=10))
+    return {"store": torch.distributed.PrefixStore(f"attempt_{restart}/", agent_store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ started once per module by ``trainings``, all at the same time (each spends most
 
 plus two launches that must stop with a clear error. How every rank shares out the batches is tested
 without processes in test_batches.py.
+
+After the SIGKILL, torchrun restarts both workers and the engine resumes from the newest checkpoint.
 """
 
 import os
@@ -36,10 +38,8 @@ MAX_ITER = 2 * ITERS_PER_EPOCH
 RUN_OPTS = ["TRAIN.DISTRIBUTED_BACKEND", "ddp", "TRAIN.MAX_EPOCHS", "2", "LOG.PROGRESS_BAR", "False",
             "MLFLOW.LOG_MODEL", "False"]
 WAIT = 300  # seconds for all trainings together; they take 60-120 s on two busy cores
-RESTART_WAIT = 150  # seconds a restarted run may take after the kill (an uninterrupted run takes ~50 s)
-# torchrun's workers share the agent's TCPStore; with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each attempt
-# gets a fresh store, so restarted workers cannot read the addresses of the workers they replace.
-FRESH_STORE_PER_ATTEMPT = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+RESTART_WAIT = 150  # seconds a restarted run may take after the kill (an uninterrupted run takes ~60 s)
+RESTARTED = "restarted by torchrun"
 
 
 def torchrun(*flags) -> list:
@@ -81,10 +81,13 @@ class Training:
         client = mlflow.MlflowClient(self.tracking_uri)
         return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
-    def history(self, key: str) -> list[tuple[int, float]]:
+    def history(self, key: str) -> dict[int, float]:
+        """``{step: value}`` of one metric of the (only) MLflow run, by step; a step logged twice raises."""
         (run,) = self.mlflow_runs()
         metrics = mlflow.MlflowClient(self.tracking_uri).get_metric_history(run.info.run_id, key)
-        return sorted((m.step, m.value) for m in metrics)
+        steps = sorted(m.step for m in metrics)
+        assert len(set(steps)) == len(steps), f"{key} logged twice at a step: {steps}"
+        return {m.step: m.value for m in sorted(metrics, key=lambda m: m.step)}
 
     def worker_stderr(self) -> list[str]:
         """What each worker printed on stderr (launched with ``--log-dir workers --redirects 3``)."""
@@ -124,34 +127,34 @@ def trainings(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     two_processes = ["--standalone", "--nproc_per_node", "2"]
     port = free_port()
-    runs = {}
+    runs: dict[str, Training] = {}
+
+    def launch(name, commands, *opts, env=None):
+        runs[name] = start(root, name, commands, *opts, env=env)
+
     try:
-        runs["one process"] = start(root, "one process", [[sys.executable, TRAIN_NET]])
-        runs["ddp"] = start(root, "ddp", [torchrun(*two_processes)])
-        runs["two nodes"] = start(root, "two nodes", [
-            torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-                     "--master_port", str(port))
-            for node in (0, 1)])
+        launch("one process", [[sys.executable, TRAIN_NET]])
+        launch("ddp", [torchrun(*two_processes)])
+        launch("two nodes", [torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                                      "--master_addr", "127.0.0.1", "--master_port", str(port))
+                             for node in (0, 1)])
         restart = [torchrun(*two_processes, "--max-restarts", "1")]
-        runs["restarted"] = start(root, "restarted", restart, "CHECKPOINT.PERIOD", "5",
-                                  env=process_env(**FRESH_STORE_PER_ATTEMPT))
-        runs["restarted by plain torchrun"] = start(root, "restarted by plain torchrun", restart,
-                                                    "CHECKPOINT.PERIOD", "5")
+        launch(RESTARTED, restart, "CHECKPOINT.PERIOD", "5")
         with_worker_logs = torchrun(*two_processes, "--log-dir", "workers", "--redirects", "3")
-        runs["dp backend"] = start(root, "dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp")
-        runs["odd batch size"] = start(root, "odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63")
+        launch("dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp")
+        launch("odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63")
 
         deadline = time.monotonic() + WAIT
-        kill_rank0_after_the_first_checkpoint([runs["restarted"], runs["restarted by plain torchrun"]], WAIT)
+        kill_rank0_after_the_first_checkpoint([runs[RESTARTED]], WAIT)
         restart_deadline = min(deadline, time.monotonic() + RESTART_WAIT)
         for name, training in runs.items():
-            for launch in training.launches:
-                launch.wait(restart_deadline if name.startswith("restarted") else deadline)
+            for each in training.launches:
+                each.wait(restart_deadline if name == RESTARTED else deadline)
         yield runs
     finally:
         for training in runs.values():
-            for launch in training.launches:
-                launch.kill()
+            for each in training.launches:
+                each.kill()
 
 
 def finished(trainings: dict[str, Training], name: str) -> Training:
@@ -171,9 +174,9 @@ def assert_one_finished_run_with_every_step_once(training: Training, world_size:
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["world_size"] == str(world_size)
     for key in ("train_loss", "lr"):
-        assert [step for step, _ in training.history(key)] == list(range(1, MAX_ITER + 1)), key
+        assert list(training.history(key)) == list(range(1, MAX_ITER + 1)), key
     for key in ("val_loss", "val_acc1", "epoch"):
-        assert [step for step, _ in training.history(key)] == [ITERS_PER_EPOCH, MAX_ITER], key
+        assert list(training.history(key)) == [ITERS_PER_EPOCH, MAX_ITER], key
 
 
 # ---- DDP on one host -------------------------------------------------------------------------------------
@@ -191,14 +194,16 @@ def test_a_ddp_training_is_one_mlflow_run_with_every_step_logged_once(trainings)
 def test_the_logged_train_loss_is_the_mean_over_the_global_batch(trainings):
     one, ddp = finished(trainings, "one process"), finished(trainings, "ddp")
 
-    first_steps = ddp.history("train_loss")[:10]
-    assert first_steps == pytest.approx(one.history("train_loss")[:10], abs=1e-5)
+    first_steps = range(1, 11)
+    assert [ddp.history("train_loss")[step] for step in first_steps] == pytest.approx(
+        [one.history("train_loss")[step] for step in first_steps], abs=1e-5)
 
 
 def test_validation_is_shared_out_over_ranks_and_summed_exactly(trainings):
     one, ddp = finished(trainings, "one process"), finished(trainings, "ddp")
-    validation = build_datasets(load_config(str(DIGITS_CONFIG))).val
-    assert len(validation) % 64 == 1  # the last global batch holds one image: rank 1 evaluates none of it
+    cfg = load_config(str(DIGITS_CONFIG))
+    # The last global batch holds one image: rank 1 evaluates none of it.
+    assert len(build_datasets(cfg).val) % cfg.TRAIN.BATCH_SIZE == 1
 
     assert ddp.history("val_acc1") == pytest.approx(one.history("val_acc1"), abs=1e-6)
     assert ddp.history("val_loss") == pytest.approx(one.history("val_loss"), abs=1e-5)
@@ -213,15 +218,8 @@ def test_two_nodes_on_one_host_train_the_weights_of_one_process(trainings):
 
 
 # ---- a worker killed mid-training ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [
-    "restarted",
-    pytest.param("restarted by plain torchrun", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: engine/distributed.py init_distributed builds the restarted workers' Gloo group on the store "
-        "torchrun shares across attempts (pytorch#135712): they read the dead workers' addresses and hang or "
-        "fail; a PrefixStore per TORCHELASTIC_RESTART_COUNT fixes it"))),
-])
-def test_a_worker_killed_mid_training_is_restarted_and_ends_as_if_never_killed(trainings, name):
-    uninterrupted, restarted = finished(trainings, "ddp"), trainings[name]
+def test_a_worker_killed_mid_training_is_restarted_and_ends_as_if_never_killed(trainings):
+    uninterrupted, restarted = finished(trainings, "ddp"), trainings[RESTARTED]
     assert restarted.killed_at, "no worker was killed"
     assert f"checkpoint_{MAX_ITER:08d}.pth" not in restarted.killed_at  # killed before the end of training
     assert restarted.returncodes == [0], restarted.report()

@@ -2,13 +2,6 @@
 
 torchrun starts every worker in a session of its own, so killing torchrun's process group would orphan
 them: ``Launch.kill`` reads the whole process tree from ``/proc`` first, then kills each process in it.
-
-Run as a script, this file *is* ``train_net.py``, except that after a torchrun restart rank 0 comes back
-last: it starts ``RESTART_DELAY`` seconds (default 3) after every other rank has started. The worker that
-replaces a killed rank 0 then reaches the process group last every time, as happens by chance on a busy
-machine or a slow node::
-
-    torchrun --max-restarts 1 ... tests/torchrun_utils.py --config-file config/digits.yaml KEY VALUE ...
 """
 
 import os
@@ -19,7 +12,6 @@ import time
 from pathlib import Path
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-TRAIN_NET = Path(__file__).resolve().parent.parent / "tools" / "train_net.py"
 
 
 class Launch:
@@ -89,29 +81,3 @@ def environ_of(pid: int) -> dict[str, str]:
         return {}
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
-
-def rank0_comes_back_last() -> None:
-    """After a restart: ranks > 0 say they started (a file in the cwd); rank 0 waits for all of them."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if restart == "0":
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    started = [Path(f"restart{restart}_rank{r}_started") for r in range(1, world_size)]
-    if rank > 0:
-        started[rank - 1].touch()
-        return
-    deadline = time.monotonic() + 120
-    while not all(path.exists() for path in started) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(float(os.environ.get("RESTART_DELAY", "3")))
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(TRAIN_NET.parent.parent))
-    from tools import train_net  # imported first, so that only the wait decides who reaches the group first
-
-    rank0_comes_back_last()
-    import torch.distributed as dist
-    _s = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    print("DEBUG attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], "rank", os.environ["RANK"], time.time(), {k: _s.get(k) for k in _s.list_keys()}, flush=True)
-    sys.exit(train_net.main())
