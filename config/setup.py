@@ -75,7 +75,7 @@ def validate_config(cfg: CfgNode) -> None:
         ("TRAIN.WEIGHT_DECAY", cfg.TRAIN.WEIGHT_DECAY >= 0, "zero or positive"),
         ("TRAIN.STEP_SIZE", cfg.TRAIN.STEP_SIZE >= 1, "a positive number of epochs"),
         ("TRAIN.GAMMA", cfg.TRAIN.GAMMA > 0, "a positive number"),
-        ("TRAIN.MILESTONES", all(isinstance(m, int) and m >= 1 for m in cfg.TRAIN.MILESTONES),
+        ("TRAIN.MILESTONES", all(type(m) is int and m >= 1 for m in cfg.TRAIN.MILESTONES),
          "a list of positive epoch numbers"),
         ("TRAIN.WARMUP_EPOCHS", cfg.TRAIN.WARMUP_EPOCHS >= 0, "zero (off) or positive"),
         ("TRAIN.CLIP_GRAD_NORM", cfg.TRAIN.CLIP_GRAD_NORM >= 0, "zero (off) or positive"),

@@ -189,7 +189,7 @@ class Trainer:
             "model": self.unwrapped_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
+            "hooks": {key: hook.state_dict() for key, hook in self._keyed_hooks() if hook.state_dict()},
             "rng": capture_rng_state(),
             **self.checkpoint_extras(),
         }
@@ -200,10 +200,21 @@ class Trainer:
         self.unwrapped_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        for hook in self.hooks:
-            if type(hook).__name__ in state["hooks"]:
-                hook.load_state_dict(state["hooks"][type(hook).__name__])
+        for key, hook in self._keyed_hooks():
+            if key in state["hooks"]:
+                hook.load_state_dict(state["hooks"][key])
         restore_rng_state(state["rng"])
+
+
+    def _keyed_hooks(self) -> list[tuple[str, HookBase]]:
+        """Hooks named by class, numbered when a class occurs twice (``MyHook``, ``MyHook#2``)."""
+        seen: dict[str, int] = {}
+        keyed = []
+        for hook in self.hooks:
+            name = type(hook).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keyed.append((name if seen[name] == 1 else f"{name}#{seen[name]}", hook))
+        return keyed
 
 
 class _NullContext:

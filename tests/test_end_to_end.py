@@ -147,7 +147,7 @@ def runs_in(tracking_uri: str) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_a_mistake_found_after_the_run_started_does_not_leave_it_running(capfd, run_dir, small_run_opts):
+def test_a_mistake_found_while_building_the_run_leaves_no_run_running(capfd, run_dir, small_run_opts):
     assert main([*small_run_opts, "TRAIN.OPTIMIZER_TYPE", "lion"]) == 2
     assert "error: unknown TRAIN.OPTIMIZER_TYPE 'lion'" in capfd.readouterr().err
 

@@ -171,3 +171,38 @@ def test_periodic_checkpointer_saves_every_period_and_at_epoch_ends(tmp_path):
     best = torch.load(tmp_path / "model_best.pth", weights_only=True)
     first_epoch = torch.load(tmp_path / "checkpoint_00000003.pth", weights_only=True)["model"]
     assert all(torch.equal(best[key], first_epoch[key]) for key in best)  # epoch 1 had the better accuracy
+
+
+class StepCounter(HookBase):
+    """A stateful hook: counts the steps it saw, and keeps the count across a resume."""
+
+    def __init__(self, every: int):
+        self.every, self.count = every, 0
+
+    def after_step(self):
+        if self.trainer.iter % self.every == 0:
+            self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_a_hook_keeps_its_state_through_a_checkpoint():
+    trainer = tiny_trainer(hooks=[StepCounter(every=2)])
+    trainer.train()
+    restored = StepCounter(every=2)
+    tiny_trainer(hooks=[restored]).load_state_dict(trainer.state_dict())
+    assert restored.count == 3
+
+
+def test_two_hooks_of_the_same_class_keep_their_own_state_through_a_checkpoint():
+    trainer = tiny_trainer(hooks=[StepCounter(every=1), StepCounter(every=3)])
+    trainer.train()
+    assert [hook.count for hook in trainer.hooks] == [6, 2]
+
+    restored = [StepCounter(every=1), StepCounter(every=3)]
+    tiny_trainer(hooks=restored).load_state_dict(trainer.state_dict())
+    assert [hook.count for hook in restored] == [6, 2]

@@ -21,6 +21,27 @@ from networks import build_model
 from solvers import build_lr_scheduler, build_optimizer
 
 
+def check_names(cfg) -> None:
+    """Every name the config picks from a registry exists: checked before anything is written or loaded."""
+    from datasets import ALIASES, DATASET_REGISTRY
+    from datasets.transforms import TRANSFORM_REGISTRY
+    from networks import MODEL_REGISTRY
+    from solvers.lr_schedulers import SCHEDULE_REGISTRY
+    from solvers.optimizers import OPTIMIZER_REGISTRY
+
+    choices = [
+        ("DATA.DATASET_TYPE", [cfg.DATA.DATASET_TYPE], [*DATASET_REGISTRY, *ALIASES]),
+        ("DATA.TRANSFORM_LIST", cfg.DATA.TRANSFORM_LIST, TRANSFORM_REGISTRY),
+        ("TRAIN.MODEL_TYPE", [cfg.TRAIN.MODEL_TYPE], MODEL_REGISTRY),
+        ("TRAIN.OPTIMIZER_TYPE", [cfg.TRAIN.OPTIMIZER_TYPE], OPTIMIZER_REGISTRY),
+        ("TRAIN.SCHEDULER_TYPE", [cfg.TRAIN.SCHEDULER_TYPE], SCHEDULE_REGISTRY),
+    ]
+    for key, names, registry in choices:
+        for name in names:
+            if name not in registry:
+                raise ConfigError(f"unknown {key} '{name}'; choose one of {', '.join(sorted(registry))}")
+
+
 @dataclass
 class Data:
     splits: DatasetSplits
@@ -80,8 +101,12 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                               f"'{model.__class__.__name__}': {detail}") from None
 
 
-def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, before_save=None) -> Trainer:
+def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, before_save=None,
+                  extra_hooks=()) -> Trainer:
     """The trainer with the built-in hooks, in the order they must run.
+
+    ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointer, so a
+    checkpoint holds their state as of the same step.
 
     ``tracker`` (an MLflowTracker, or None on other ranks and when logging is off) receives the metrics;
     ``checkpointer`` (None = no checkpoints) saves them.
@@ -98,6 +123,7 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
         engine_hooks.EvalHook(lambda: evaluate(eval_model, data.val, num_classes, device, cfg.TRAIN.AMP),
                               cfg.EVAL.PERIOD),
         writer,
+        *extra_hooks,
     ]
     if checkpointer is not None:
         hooks.append(engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD, writer, before_save))

@@ -33,7 +33,7 @@ from engine.figures import confusion_matrix_figure
 from engine.hooks import TrainingInterrupted
 from engine.logger import setup_logging
 from engine.tracking import MLflowTracker, make_client, resolve_tracking_uri
-from tools.build import build_data, build_network, build_trainer
+from tools.build import build_data, build_network, build_trainer, check_names
 from tools.run_record import collect_run_record, git_diff, installed_packages, redact_credentials
 
 logger = logging.getLogger("engine")
@@ -60,6 +60,8 @@ def train(cfg, resume: bool = False, extra_tags: dict | None = None) -> Path:
 
 def _train(cfg, resume: bool, extra_tags: dict) -> Path:
     main = is_main_process()
+    check_names(cfg)  # mistakes that need no data are reported before anything is written
+    device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
     output_dir = prepare_output_dir(cfg)
     checkpointer = Checkpointer(output_dir, keep=cfg.CHECKPOINT.KEEP, enabled=main)
     if not resume and checkpointer.checkpoints():
@@ -70,7 +72,6 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
     if main:
         atomic_write_bytes(output_dir / "config.yaml", cfg.dump().encode())
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
-    device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
     if cfg.TRAIN.AMP and device.type != "cuda":
         logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32")
     data = build_data(cfg, device)
