@@ -9,9 +9,11 @@ Run as a script, this file *is* ``train_net.py`` with slowness injected through 
 test can hit a moment that is otherwise too short to aim at (each slowed moment first logs a line that
 starts with ``fault:``)::
 
-    FAULT_SLOW_STEP=0.3                  # seconds added to every training step
+    FAULT_SLOW_STEP=0.3                  # seconds added to every training step ...
+    FAULT_SLOW_STEPS=22                  # ... or only to these (comma-separated step numbers)
     FAULT_SLOW_EVAL=2                    # seconds added before each epoch-end evaluation
     FAULT_SLOW_SAVE=checkpoint_00000020.pth FAULT_SLOW_SAVE_SECONDS=2   # that save sits in fsync
+    FAULT_SLOW_MLFLOW=30                 # each MLflow delivery (a slow server) waits that long first
     python tests/fault_utils.py --config-file config/digits.yaml KEY VALUE ...
 """
 
@@ -81,18 +83,20 @@ class Training:
     docstring). Use it as a context manager: the process group is killed on the way out if still running.
     """
 
-    def __init__(self, args, workdir, name="train", slow_step=0.0, slow_eval=0.0, slow_save="",
-                 slow_save_seconds=2.0, env=None):
+    def __init__(self, args, workdir, name="train", slow_step=0.0, slow_steps=(), slow_eval=0.0, slow_save="",
+                 slow_save_seconds=2.0, slow_mlflow=0.0, env=None):
         self.args, self.workdir, self.name = [str(a) for a in args], Path(workdir), name
-        self.faults = {"FAULT_SLOW_STEP": slow_step, "FAULT_SLOW_EVAL": slow_eval, "FAULT_SLOW_SAVE": slow_save,
-                       "FAULT_SLOW_SAVE_SECONDS": slow_save_seconds}
+        self.faults = {"FAULT_SLOW_STEP": slow_step, "FAULT_SLOW_STEPS": ",".join(map(str, slow_steps)),
+                       "FAULT_SLOW_EVAL": slow_eval, "FAULT_SLOW_SAVE": slow_save,
+                       "FAULT_SLOW_SAVE_SECONDS": slow_save_seconds, "FAULT_SLOW_MLFLOW": slow_mlflow}
         self.env = env
         self.process: subprocess.Popen | None = None
         self.started_at = self.ended_at = None
 
     def start(self) -> "Training":
         assert self.process is None, f"{self.name} was already started"
-        faulty = any(self.faults[k] for k in ("FAULT_SLOW_STEP", "FAULT_SLOW_EVAL", "FAULT_SLOW_SAVE"))
+        faulty = any(self.faults[k] for k in ("FAULT_SLOW_STEP", "FAULT_SLOW_EVAL", "FAULT_SLOW_SAVE",
+                                              "FAULT_SLOW_MLFLOW"))
         script = Path(__file__).resolve() if faulty else TRAIN_NET
         env = self.env or process_env(**(self.faults if faulty else {}))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -235,8 +239,8 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, wait: bool = True) -> "MlflowServer":
-        """Launch the server; with ``wait``, return once it answers (``wait_until_up`` does that later)."""
+    def start(self, timeout: float = WAIT) -> "MlflowServer":
+        """Launch the server and return once it answers (several seconds: it imports a lot)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         command = [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{self.folder / 'srv.db'}",
@@ -246,14 +250,8 @@ class MlflowServer:
             self.process = subprocess.Popen(command, cwd=self.folder, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True,
                                             env=process_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-        self.launched_at = time.monotonic()
-        if wait:
-            self.wait_until_up()
-        return self
-
-    def wait_until_up(self, timeout: float = WAIT) -> None:
         wait_for(self.is_up, f"mlflow server on port {self.port}", timeout, interval=0.25)
-        self.up_at = time.monotonic()
+        return self
 
     def is_up(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -369,12 +367,15 @@ def _run_train_net_with_injected_delays() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where it is stuck
     sys.path.insert(0, str(REPO_ROOT))
     from engine.hooks import EvalHook
+    from engine.tracking import MLflowTracker
     from engine.trainer import Trainer
 
     step_delay = float(os.environ.get("FAULT_SLOW_STEP") or 0)
+    slow_steps = {int(step) for step in os.environ.get("FAULT_SLOW_STEPS", "").split(",") if step}
     eval_delay = float(os.environ.get("FAULT_SLOW_EVAL") or 0)
     slow_save = os.environ.get("FAULT_SLOW_SAVE", "")
     save_delay = float(os.environ.get("FAULT_SLOW_SAVE_SECONDS") or 0)
+    mlflow_delay = float(os.environ.get("FAULT_SLOW_MLFLOW") or 0)
 
     def announce(message: str) -> None:  # to stderr, which the engine copies into log.txt
         print(f"fault: {message}", file=sys.stderr, flush=True)
@@ -383,8 +384,9 @@ def _run_train_net_with_injected_delays() -> None:
         run_step = Trainer.run_step
 
         def slow_step(trainer, batches):
-            announce(f"step {trainer.iter + 1} starts, {step_delay:g} s slower")
-            time.sleep(step_delay)
+            if not slow_steps or trainer.iter + 1 in slow_steps:
+                announce(f"step {trainer.iter + 1} starts, {step_delay:g} s slower")
+                time.sleep(step_delay)
             return run_step(trainer, batches)
 
         Trainer.run_step = slow_step
@@ -407,6 +409,14 @@ def _run_train_net_with_injected_delays() -> None:
             real_fsync(descriptor)
 
         os.fsync = fsync
+    if mlflow_delay:
+        deliver = MLflowTracker._deliver
+
+        def slow_delivery(tracker, batch):  # runs in the tracker's background thread
+            time.sleep(mlflow_delay)
+            return deliver(tracker, batch)
+
+        MLflowTracker._deliver = slow_delivery
     import runpy
 
     sys.argv = [str(TRAIN_NET), *sys.argv[1:]]

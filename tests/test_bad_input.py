@@ -8,7 +8,6 @@ copy of the shared reference run; every attempt logs to the same MLflow store, i
 
 import hashlib
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import isolated_training
-from fault_utils import DIGITS_CONFIG, load_weights, mlflow_client, runs_of, shared_reference_run, sqlite_uri
+from fault_utils import (
+    DIGITS_CONFIG,
+    free_port,
+    load_weights,
+    mlflow_client,
+    runs_of,
+    shared_reference_run,
+    sqlite_uri,
+)
 from PIL import Image
 
 import datasets.cifar10 as cifar10
@@ -41,7 +48,8 @@ class EarlierRun:
         self.fingerprint = self.take_fingerprint()
 
     def take_fingerprint(self) -> dict:
-        files = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in self.output_dir.iterdir()}
+        files = {str(path.relative_to(self.output_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+                 for path in sorted(self.output_dir.rglob("*")) if path.is_file()}
         client = mlflow_client(self.tracking_uri)
         runs = {run.info.run_id: (run.info.status, run.info.end_time, run.data.metrics, run.data.params,
                                   run.data.tags, len(client.get_metric_history(run.info.run_id, "train_loss")))
@@ -144,7 +152,7 @@ def test_an_override_without_a_value(train, earlier_run, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("DATA.DATASET_TYPE", "mnist", "unknown DATA.DATASET_TYPE 'mnist'; choose one of cifar10, digits"),
+    ("DATA.DATASET_TYPE", "mnist", "unknown DATA.DATASET_TYPE 'mnist'; choose one of "),
     ("TRAIN.MODEL_TYPE", "vgg16", "unknown TRAIN.MODEL_TYPE 'vgg16'; choose one of resnet18, simple_cnn"),
     ("TRAIN.OPTIMIZER_TYPE", "lion", "unknown TRAIN.OPTIMIZER_TYPE 'lion'"),
     ("DATA.CLASSES", "['cat','dog']", "the digits dataset has 10 classes but DATA.CLASSES names 2"),
@@ -162,10 +170,8 @@ def test_a_malformed_tracking_uri(train, earlier_run):
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 def test_cifar10_missing_without_network_names_the_cache_folder(train, earlier_run, tmp_path, monkeypatch):
-    with socket.socket() as probe:  # a port nobody listens on: the download fails at once, as offline
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    monkeypatch.setattr(cifar10, "CIFAR10_URL", f"http://127.0.0.1:{closed_port}/cifar-10-python.tar.gz")
+    # A port nobody listens on: the download fails at once, as it does offline (never the real internet).
+    monkeypatch.setattr(cifar10, "CIFAR10_URL", f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz")
     cache = tmp_path / "empty-cache"
     started = time.monotonic()
 
@@ -283,6 +289,7 @@ def test_a_loss_that_becomes_nan_names_the_iteration_and_keeps_the_checkpoints_b
     assert checkpoints == ["checkpoint_00000001.pth"]  # nothing saved after the loss went bad
     weights = load_weights(attempt.output_dir / checkpoints[0])["model"]
     assert all(tensor.isfinite().all() for tensor in weights.values())
-    (failed,) = runs_of(earlier_run.tracking_uri, "mistakes")
+    (failed,) = [run for run in runs_of(earlier_run.tracking_uri, "mistakes")
+                 if run.data.params["OUTPUT_DIR"] == str(attempt.output_dir)]
     assert failed.info.status == "FAILED"
     assert earlier_run.untouched()

@@ -36,7 +36,9 @@ def test_every_mode_is_in_the_table_and_the_last_line_is_the_engine_bare_ratio(t
     assert any("metric flush" in line for line in lines)
     assert "final weights engine == engine_no_mlflow (torch.equal): True" in result.stdout
     assert re.fullmatch(r"engine/bare \d+\.\d\d", lines[-1])
-    assert list(tmp_path.iterdir()) == []  # the temporary folder, MLflow store and PNG files included, is gone
+    # The benchmark's temporary folder (MLflow store, checkpoints, PNG files) is gone; importing torchvision
+    # leaves torch's compile cache folder in TMPDIR, which is not the benchmark's.
+    assert [path.name for path in tmp_path.iterdir() if not path.name.startswith("torchinductor_")] == []
 
 
 def test_a_mistyped_mode_is_one_clear_error(tmp_path):

@@ -4,7 +4,7 @@
     python tools/benchmark.py                                # CPU, 10,240 CIFAR-shaped images, every mode
     python tools/benchmark.py --modes bare,engine --epochs 3 --device cuda
 
-Modes, all run in this one process with the same number of torch threads:
+Modes, all run in this one process:
   bare                hand-written loop (forward, loss, backward, SGD step) over pre-normalized float tensors
                       in memory, no logging: the limit
   engine              the Trainer as tools/train_net.py builds it (tools/build.py): metrics to MLflow in a SQLite
@@ -16,6 +16,10 @@ Modes, all run in this one process with the same number of torch threads:
                       DATA.NUM_WORKERS workers): the engine's DataLoader path
   torchvision_folder  torchvision.datasets.ImageFolder + DataLoader (ToTensor, Normalize in the workers) and the
                       bare loop
+
+Every mode uses the same number of torch threads (--threads). By default one core is left free per DataLoader
+worker (1 thread on a 2-core machine): with more busy threads than cores, torch's OpenMP threads spin-wait for each
+other and an epoch can take several times longer, which would drown the differences measured here.
 
 Evaluation is off on every side: the val split holds one image (one per class for the folder) and the EvalHook
 is removed, since it runs after the last epoch whatever EVAL.PERIOD says. Each run trains one warm-up epoch,
@@ -68,13 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=10240, help="training images (default 10240)")
     parser.add_argument("--batch-size", type=int, default=128, help="TRAIN.BATCH_SIZE (default 128)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after one warm-up (default 2)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of every mode, order reversed every other")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="runs of every mode, the order reversed every other repeat (default 4)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the folder modes (default 2)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help=f"torch threads for every mode (default {torch.get_num_threads()}, torch's own)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (torch.set_num_threads) for every mode; default: one core per "
+                             "DataLoader worker is left free, at least 1 thread")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) - args.workers)
     args.modes = [name.strip() for name in args.modes.split(",") if name.strip()]
     unknown = [name for name in args.modes if name not in MODES]
     if unknown or not args.modes:
@@ -112,6 +120,15 @@ class Workspace:
             "MLFLOW.EXPERIMENT_NAME", "benchmark", "MLFLOW.RUN_NAME", mode,
         ]
         return load_config(None, base + list(opts))
+
+    def start_tracker(self, cfg, mode: str, device, num_gpus: int):
+        """tools/run.py's tracker. The text files it logs (log_text) stay in TMPDIR after a run; here they are
+        written into the workspace instead, only meanwhile: DataLoader workers need short temporary paths."""
+        previous, tempfile.tempdir = tempfile.tempdir, str(self.root)
+        try:
+            return start_tracker(cfg, Path(cfg.OUTPUT_DIR), None, {"benchmark_mode": mode}, device, num_gpus)
+        finally:
+            tempfile.tempdir = previous
 
     def image_folder(self) -> Path:
         """The synthetic train split as PNG files in ImageFolder layout (written once); val: one image per class."""
@@ -286,7 +303,7 @@ def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, w
     device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
     data = build_data(cfg, device)
     model = build_network(cfg, device, num_gpus)
-    tracker = start_tracker(cfg, output_dir, None, {"benchmark_mode": mode}, device, num_gpus) if tracked else None
+    tracker = workspace.start_tracker(cfg, mode, device, num_gpus) if tracked else None
     trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(output_dir, keep=cfg.CHECKPOINT.KEEP),
                             before_save=tracker.save_pending if tracker else None)
     trainer.run_id = tracker.run_id if tracker else None
@@ -461,13 +478,12 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if os.getloadavg()[0] > (os.cpu_count() or 1):
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete for "
-              "the CPU and the timings are noisy (torch's OpenMP threads suffer most; compare with --threads 1)",
+              "the CPU and the timings are noisy (more so with --threads above 1)",
               flush=True)
     results = {mode: ModeStats() for mode in args.modes}
     with tempfile.TemporaryDirectory(prefix="benchmark-", ignore_cleanup_errors=True) as root:
         workspace = Workspace(Path(root), args)
         logger.handlers = [logging.StreamHandler(workspace.devnull)]
-        tempfile.tempdir = root  # the tracker's own temporary files (log_text) land here too, and go with it
         try:
             for repeat in range(args.repeats):
                 for mode in args.modes if repeat % 2 == 0 else args.modes[::-1]:
@@ -480,7 +496,6 @@ def main(argv=None) -> int:
                           f"{' '.join(f'{s:.2f}' for s in result.times.wall)} s (warm-up first), whole run "
                           f"{time.perf_counter() - run_started:.1f} s", flush=True)
         finally:
-            tempfile.tempdir = None
             logger.handlers = []
             workspace.close()
     print_report(results, args)
