@@ -209,13 +209,14 @@ class PeriodicCheckpointer(HookBase):
             self._save()
 
     def after_epoch(self):
-        self._save()
+        self.trainer.check_finite()  # a diverged model is never "best"
         latest = self.trainer.latest_eval or {}
         acc1 = latest.get("val_acc1")
         fresh = latest.get("iteration") == self.trainer.iter  # evaluated this very model, not an older one
         if fresh and acc1 is not None and acc1 > self.best_acc1:
             self.best_acc1 = acc1
             self.checkpointer.save_model("model_best.pth", self.trainer.unwrapped_model)
+        self._save()  # after the update above, so the checkpoint knows the best accuracy so far
 
     def after_train(self):
         if isinstance(self.trainer.exception, TrainingInterrupted):

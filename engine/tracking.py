@@ -231,6 +231,8 @@ class MLflowTracker:
                        if step > self._logged_steps.get(name, -1)]
             if metrics:
                 self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+                for metric in metrics:  # a re-queued copy of a delivered step (after a resume) is skipped too
+                    self._logged_steps[metric.key] = max(metric.step, self._logged_steps.get(metric.key, -1))
         elif kind == "artifact":
             _, path, artifact_path = batch[0]
             if Path(path).is_file():

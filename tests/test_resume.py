@@ -167,10 +167,6 @@ def test_the_resumed_mlflow_run_has_every_step_with_the_uninterrupted_values(cra
         assert history == reference.history(key), key  # every step, with the same value
 
 
-@pytest.mark.xfail(strict=True, reason="bug: engine/tracking.py MLflowTracker re-queues the metrics of the killed "
-                                       "process's mlflow_pending.jsonl and also logs the same steps recomputed after "
-                                       "resuming from an older checkpoint; _logged_steps is never advanced, so "
-                                       "both copies are delivered")
 def test_the_resumed_mlflow_run_logs_no_step_twice(crashed_run):
     (run,) = runs_of(crashed_run.tracking_uri)
     for key in ("train_loss", "lr"):
@@ -234,9 +230,6 @@ def test_a_checkpoint_holds_the_whole_training_state_and_loads_weights_only(refe
     assert all(torch.equal(final[name], tensor) for name, tensor in checkpoint["model"].items())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: engine/hooks.py PeriodicCheckpointer.after_epoch saves the epoch-end "
-                                       "checkpoint before it updates best_acc1, so that checkpoint keeps the previous "
-                                       "best; a run resumed from it can replace model_best.pth with a worse model")
 def test_the_epoch_end_checkpoint_remembers_the_best_accuracy_so_far(reference):
     checkpoint = load_weights(reference.result().output_dir / "checkpoint_00000066.pth")
     best = max(value for _, value in reference.history("val_acc1"))  # that of epoch 3, evaluated at iteration 66
