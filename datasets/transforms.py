@@ -67,10 +67,9 @@ class RandomCrop:
         draws = sample_hash(indices, self.seed, epoch, salt=1)
         offset_y = draws % (2 * PAD + 1)
         offset_x = (draws // (2 * PAD + 1)) % (2 * PAD + 1)
-        rows = (offset_y[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
-        cols = (offset_x[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
-        channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-        return padded[torch.arange(batch, device=images.device)[:, None, None, None], channels, rows, cols]
+        # Every possible crop as a view [B, C, 2*PAD+1, 2*PAD+1, H, W]; one gather picks each sample's.
+        windows = padded.unfold(2, height, 1).unfold(3, width, 1)
+        return windows[torch.arange(batch, device=images.device), :, offset_y, offset_x]
 
 
 class RandomHorizontalFlip:
