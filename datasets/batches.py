@@ -107,7 +107,9 @@ class LoaderBatches(_BatchSource):
         self.planned = _PlannedBatches()
         workers = min(num_workers, os.cpu_count() or 1)
         self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                 # a worker that dies before its first batch must not leave us waiting forever
+                                 timeout=300 if workers > 0 else 0)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
