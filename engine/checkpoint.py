@@ -3,6 +3,10 @@
 A save writes a temporary file in the same folder, flushes and fsyncs it, then renames it over the
 target, so a crash mid-save never leaves a broken file under a real name. The pointer file
 ``last_checkpoint`` is rewritten the same way, and only after the checkpoint itself is in place.
+
+The periodic checkpoints of a training run are written by one background thread: the state is serialized
+on the training thread (the weights change with the next step), the disk work (write, fsync, rename, pointer,
+pruning) overlaps with training. ``Checkpointer.wait()`` blocks until everything is on disk.
 """
 
 import io
@@ -10,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,16 +44,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_directory(path.parent)
 
 
-def save_file(obj, path: Path) -> None:
-    """``torch.save`` made atomic; a failure (disk full, permissions) is one CheckpointError."""
+def serialize(obj) -> memoryview:
+    """What ``torch.save`` would write, in memory."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def write_serialized(path: Path, data) -> None:
+    """Atomically write bytes from ``serialize``; a failure (disk full, permissions) is one CheckpointError."""
     try:
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, data)
     except OSError as error:
         raise CheckpointError(f"could not write {path}: {error.strerror or error}; "
                               "free disk space or fix the folder's permissions (earlier checkpoints are intact)",
                               ) from None
+
+
+def save_file(obj, path: Path) -> None:
+    """``torch.save`` made atomic; a failure (disk full, permissions) is one CheckpointError."""
+    write_serialized(path, serialize(obj))
 
 
 def load_file(path: Path, map_location="cpu"):
@@ -63,27 +78,58 @@ def load_file(path: Path, map_location="cpu"):
 
 
 class Checkpointer:
-    """Periodic checkpoints ``checkpoint_<iteration>.pth`` in ``output_dir``, keeping the newest ``keep``."""
+    """Periodic checkpoints ``checkpoint_<iteration>.pth`` in ``output_dir``, keeping the newest ``keep``.
+
+    ``save(..., wait=False)`` returns once the state is serialized and leaves the writing to a background
+    thread (saves land in order); a write that failed is raised by the next ``raise_if_failed()``, ``save`` or
+    ``wait()``. ``load_newest_valid`` waits for earlier saves first.
+    """
 
     def __init__(self, output_dir, keep: int = 3, enabled: bool = True):
         self.output_dir, self.keep, self.enabled = Path(output_dir), keep, enabled
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
-    def save(self, iteration: int, state: dict) -> Path:
+    def save(self, iteration: int, state: dict, wait: bool = True, before_write=None) -> Path:
+        """Save ``state``; ``before_write()`` (if given) runs just before the file is written, on the same thread."""
         path = self.output_dir / f"checkpoint_{iteration:08d}.pth"
         if not self.enabled:
             return path
-        save_file(state, path)
-        atomic_write_bytes(self.output_dir / POINTER, path.name.encode())
-        self._prune()
-        logger.info(f"saved checkpoint {path.name}")
+        self._submit(self._write_checkpoint, path, serialize(state), before_write, wait=wait)
         return path
 
-    def save_model(self, name: str, model: torch.nn.Module) -> Path:
+    def save_model(self, name: str, model: torch.nn.Module, wait: bool = True) -> Path:
         """A plain ``state_dict`` (no ``module.`` prefix), loadable with ``torch.load(weights_only=True)``."""
         path = self.output_dir / name
         if self.enabled:
-            save_file(model.state_dict(), path)
+            self._submit(write_serialized, path, serialize(model.state_dict()), wait=wait)
         return path
+
+    def _submit(self, write, *args, wait: bool) -> None:
+        self.raise_if_failed()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._writes.append(self._writer.submit(write, *args))
+        if wait:
+            self.wait()
+
+    def _write_checkpoint(self, path: Path, data, before_write) -> None:
+        if before_write is not None:
+            before_write()
+        write_serialized(path, data)
+        atomic_write_bytes(self.output_dir / POINTER, path.name.encode())
+        self._prune()
+        logger.info(f"saved checkpoint {path.name}")
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a background write that has failed (cheap: it does not wait)."""
+        while self._writes and self._writes[0].done():
+            self._writes.pop(0).result()
+
+    def wait(self) -> None:
+        """Block until every save is on disk; raise the first that failed."""
+        while self._writes:
+            self._writes.pop(0).result()
 
     def checkpoints(self) -> list[Path]:
         """Periodic checkpoints, oldest first."""
@@ -92,6 +138,7 @@ class Checkpointer:
 
     def load_newest_valid(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that loads, newest first by the pointer then by name; None if there is none."""
+        self.wait()
         candidates = self.checkpoints()[::-1]
         pointer = self.output_dir / POINTER
         if pointer.is_file():

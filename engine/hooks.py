@@ -195,8 +195,14 @@ class PeriodicCheckpointer(HookBase):
     """Saves a checkpoint every ``period`` iterations, at every epoch end and when training is interrupted,
     and ``model_best.pth`` by ``val_acc1``.
 
-    Before each save the metrics are written and checked finite, and ``before_save()`` runs (it persists
-    metrics not yet delivered to MLflow), so no metric older than a checkpoint can be lost.
+    The state is serialized at once; the files are written by the checkpointer's background thread while
+    training goes on, and ``after_train`` waits until they are on disk. A failed write stops training at the
+    next step.
+
+    Before each save the metrics are written and checked finite, and ``before_save()`` runs on the training
+    thread. It may return a function, which the writer thread runs just before the checkpoint file is written:
+    the tracker's ``snapshot_pending`` returns one that persists the metrics not yet delivered to MLflow, so
+    no metric older than a checkpoint can be lost.
     """
 
     def __init__(self, checkpointer, period: int, writer: MetricWriter | None = None, before_save=None):
@@ -204,6 +210,7 @@ class PeriodicCheckpointer(HookBase):
         self.best_acc1 = -math.inf
 
     def after_step(self):
+        self.checkpointer.raise_if_failed()
         at_epoch_end = self.trainer.iter % self.trainer.iters_per_epoch == 0  # after_epoch saves there
         if self.period and self.trainer.iter % self.period == 0 and not at_epoch_end:
             self._save()
@@ -215,20 +222,28 @@ class PeriodicCheckpointer(HookBase):
         fresh = latest.get("iteration") == self.trainer.iter  # evaluated this very model, not an older one
         if fresh and acc1 is not None and acc1 > self.best_acc1:
             self.best_acc1 = acc1
-            self.checkpointer.save_model("model_best.pth", self.trainer.unwrapped_model)
+            self.checkpointer.save_model("model_best.pth", self.trainer.unwrapped_model, wait=False)
         self._save()  # after the update above, so the checkpoint knows the best accuracy so far
 
     def after_train(self):
-        if isinstance(self.trainer.exception, TrainingInterrupted):
-            self._save()
+        exception = self.trainer.exception
+        if exception is None or isinstance(exception, TrainingInterrupted):
+            if exception is not None:
+                self._save()
+            self.checkpointer.wait()
+            return
+        try:
+            self.checkpointer.wait()  # what was queued before the failure still lands
+        except Exception as error:  # the training's own error is the one raised; this one goes to the log
+            logger.error(str(error))
 
     def _save(self):
         if self.writer is not None:
             self.writer.write()
         self.trainer.check_finite()
-        if self.before_save is not None:
-            self.before_save()
-        self.checkpointer.save(self.trainer.iter, self.trainer.state_dict())
+        before_write = self.before_save() if self.before_save is not None else None
+        self.checkpointer.save(self.trainer.iter, self.trainer.state_dict(), wait=False,
+                               before_write=before_write if callable(before_write) else None)
 
     def state_dict(self):
         return {"best_acc1": self.best_acc1}

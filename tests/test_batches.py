@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches, build_batches, epoch_order
-from datasets.transforms import BatchTransform, RandomCrop, RandomHorizontalFlip, ToTensor
+from datasets.batches import InMemoryBatches, apply_once, build_batches, epoch_order
+from datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 
 NUM_SAMPLES = 50
 
@@ -100,3 +100,43 @@ def test_a_dataset_read_through_a_dataloader_follows_the_same_plan():
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.images, b.images)
         assert a.global_size == b.global_size
+
+
+@pytest.mark.parametrize("steps", [
+    lambda: [ToTensor(), Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])],  # all deterministic: done once
+    lambda: [ToTensor(), RandomCrop(5), Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])],  # to_tensor done once
+    lambda: [RandomCrop(5), RandomHorizontalFlip(5), ToTensor(), Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])],
+])
+def test_pretransforming_the_split_once_gives_the_same_batches_bit_for_bit(steps):
+    split = indexed_split(NUM_SAMPLES)
+    once = InMemoryBatches(split, 8, BatchTransform(steps()), "cpu", shuffle=True, seed=7, pretransform=True)
+    every_batch = InMemoryBatches(split, 8, BatchTransform(steps()), "cpu", shuffle=True, seed=7, pretransform=False)
+
+    for epoch in (0, 1):
+        for a, b in zip(once.epoch(epoch), every_batch.epoch(epoch), strict=True):
+            assert a.images.dtype == b.images.dtype == torch.float32
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_pretransform_keeps_the_split_as_floats_only_when_it_starts_with_deterministic_steps():
+    split = indexed_split(NUM_SAMPLES)
+    normalized = InMemoryBatches(split, 8, BatchTransform([ToTensor()]), "cpu", shuffle=False, seed=7)
+    augmented = InMemoryBatches(split, 8, random_transform(), "cpu", shuffle=True, seed=7)
+
+    assert normalized.images.dtype == torch.float32 and normalized.transform.steps == []
+    assert torch.equal(normalized.images, split.images.float() / 255)
+    assert augmented.images.dtype == torch.uint8  # the crop pads uint8 zeros: nothing may come before it
+    assert len(augmented.transform.steps) == 3
+
+
+def test_pretransform_works_through_a_split_larger_than_one_chunk():
+    images = torch.arange(10 * 3 * 2 * 2, dtype=torch.float32).view(10, 3, 2, 2)
+    doubled = apply_once(BatchTransform([Doubler()]), images, chunk=3)
+    assert torch.equal(doubled, images * 2)
+
+
+class Doubler:
+    random = False
+
+    def __call__(self, images, indices, epoch):
+        return images * 2

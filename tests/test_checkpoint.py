@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, weights-only loads, the newest valid checkpoint, and keep-N pruning."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -115,3 +116,52 @@ def test_a_disabled_checkpointer_writes_nothing(tmp_path):
     checkpointer.save(1, state(1))
     checkpointer.save_model("model_final.pth", nn.Linear(2, 2))
     assert saved_names(tmp_path) == []
+
+
+def test_a_background_save_holds_the_state_of_the_moment_and_lands_after_its_before_write(tmp_path):
+    checkpointer = Checkpointer(tmp_path)
+    weights = {"weight": torch.zeros(2, 2)}
+    release, seen = threading.Event(), []
+
+    def before_write():  # e.g. the MLflow records not yet delivered: on disk before the checkpoint
+        seen.append((tmp_path / "checkpoint_00000003.pth").exists())
+        release.wait(timeout=30)
+
+    path = checkpointer.save(3, {"iteration": 3, "model": weights}, wait=False, before_write=before_write)
+    weights["weight"].fill_(9.0)  # training goes on and changes the weights
+    assert not path.exists()  # the writer thread is still held in before_write: the save did not wait for it
+    release.set()
+    checkpointer.wait()
+
+    assert seen == [False]
+    assert torch.equal(load_file(path)["model"]["weight"], torch.zeros(2, 2))  # serialized at save time
+    assert (tmp_path / POINTER).read_text() == "checkpoint_00000003.pth"
+
+
+def test_a_failed_background_write_is_raised_once_by_the_next_check(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(1, state(1))
+
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    checkpointer.save(2, state(2), wait=False)
+    with pytest.raises(CheckpointError, match=r"could not write .*checkpoint_00000002.pth: No space left"):
+        checkpointer.wait()
+    checkpointer.raise_if_failed()  # reported once
+    checkpointer.wait()
+
+    assert saved_names(tmp_path) == ["checkpoint_00000001.pth", POINTER]
+    assert (tmp_path / POINTER).read_text() == "checkpoint_00000001.pth"
+
+
+def test_background_saves_land_in_order_and_prune_the_oldest(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for iteration in range(1, 6):
+        checkpointer.save(iteration, state(iteration), wait=False)
+    checkpointer.save_model("model_best.pth", nn.Linear(2, 2), wait=False)
+    checkpointer.wait()
+
+    assert saved_names(tmp_path) == ["checkpoint_00000004.pth", "checkpoint_00000005.pth", POINTER, "model_best.pth"]
+    assert (tmp_path / POINTER).read_text() == "checkpoint_00000005.pth"

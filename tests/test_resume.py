@@ -102,8 +102,9 @@ def crashed_run(tmp_path_factory, reference):
         run.kill_after(pause(0, 0.05))
         run.notes["files after the first kill"] = run.files()
 
-        # 2. Mid-epoch, a step or two after a periodic checkpoint.
-        run.start()
+        # 2. Mid-epoch, a step or two after a periodic checkpoint (steps 13-20 slowed to 0.1 s each: the
+        #    checkpoint is written in the background while training goes on, and the next kill must be later).
+        run.start(slow_step=0.1, slow_steps=range(13, 21))
         run.wait_for_log("saved checkpoint checkpoint_00000012.pth")
         run.kill_after(pause(0.02, 0.12))
         assert run.pointer() in ("checkpoint_00000012.pth", "checkpoint_00000016.pth")
@@ -121,8 +122,8 @@ def crashed_run(tmp_path_factory, reference):
         data = (run.output_dir / newest).read_bytes()
         (run.output_dir / newest).write_bytes(data[: len(data) // 2])
 
-        # 4. Mid-epoch 2.
-        run.start()
+        # 4. Mid-epoch 2 (steps slowed for the same reason).
+        run.start(slow_step=0.1, slow_steps=range(33, 41))
         run.wait_for_log("saved checkpoint checkpoint_00000032.pth")
         run.kill_after(pause(0, 0.3))
         assert run.pointer() in ("checkpoint_00000032.pth", "checkpoint_00000036.pth")

@@ -68,7 +68,7 @@ def build_data(cfg, device) -> Data:
         transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=train)
         return build_batches(split, cfg.TRAIN.BATCH_SIZE, transform, device, shuffle=train, seed=cfg.SEED,
                              num_workers=cfg.DATA.NUM_WORKERS, rank=rank, world_size=world_size,
-                             channels_last=cfg.TRAIN.CHANNELS_LAST)
+                             channels_last=cfg.TRAIN.CHANNELS_LAST, pretransform=cfg.DATA.PRETRANSFORM)
 
     return Data(splits, batches(splits.train, True), batches(splits.val, False), batches(splits.test, False))
 
