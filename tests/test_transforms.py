@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from config import ConfigError
-from datasets.transforms import PAD, RandomCrop, RandomHorizontalFlip, ToTensor, build_transform
+from datasets.transforms import PAD, BatchTransform, RandomCrop, RandomHorizontalFlip, ToTensor, build_transform, remap
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.125)
 
@@ -107,3 +107,27 @@ def test_the_global_rng_plays_no_part():
 def test_to_tensor_leaves_float_images_alone():
     images = torch.rand(2, 3, 4, 4)
     assert torch.equal(ToTensor()(images, torch.arange(2), 0), images)
+
+
+@pytest.mark.parametrize("names", [
+    ["random_crop", "random_horizontal_flip"],
+    ["random_horizontal_flip", "random_crop"],
+    ["random_crop", "random_crop"],  # a crop of a crop: zeros of the first padding can move inwards
+])
+def test_consecutive_crops_and_flips_run_as_one_gather_with_the_same_result(names):
+    images, indices = random_images(count=32, size=10), torch.arange(32)
+    fused = BatchTransform([build([name]).steps[0] for name in names])
+    assert len(fused._fused) == 1  # one remap step for the whole run of crops and flips
+
+    one_by_one = images
+    for name in names:
+        one_by_one = build([name])(one_by_one, indices, epoch=2).to(torch.uint8)
+    assert torch.equal(fused(images, indices, epoch=2), one_by_one.float())
+
+
+def test_remap_fills_coordinates_outside_the_image_with_zeros():
+    images = torch.arange(1, 2 * 9 + 1, dtype=torch.float32).view(1, 2, 3, 3)
+    rows = torch.tensor([[-1, 0, 2]])
+    columns = torch.tensor([[2, 3, 1]])
+    expected = torch.tensor([[[0.0, 0, 0], [3, 0, 2], [9, 0, 8]], [[0, 0, 0], [12, 0, 11], [18, 0, 17]]])
+    assert torch.equal(remap(images, rows, columns), expected[None])
