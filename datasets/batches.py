@@ -52,7 +52,8 @@ class _BatchSource:
     def _plan(self, epoch: int, start: int, device) -> Iterator[tuple[torch.Tensor, int]]:
         order = epoch_order(self.num_samples, self.seed, epoch, self.shuffle).to(device)
         for global_batch in order.split(self.batch_size)[start:]:
-            yield global_batch.tensor_split(self.world_size)[self.rank], len(global_batch)
+            local = global_batch if self.world_size == 1 else global_batch.tensor_split(self.world_size)[self.rank]
+            yield local, len(global_batch)
 
 
 class InMemoryBatches(_BatchSource):

@@ -116,17 +116,17 @@ class Trainer:
         micro_batches = self._batches_in_step()
         step_samples = sum(self.train_batches.global_batch_size(b) for b in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = None
         for position in range(len(micro_batches)):
             batch = next(batches)
             last = position == len(micro_batches) - 1
             with self._maybe_no_sync(last), torch.autocast(self.device.type, torch.float16, enabled=self.amp):
                 loss = F.cross_entropy(self.model(batch.images), batch.labels, reduction="sum")
+            loss = loss if loss.dtype == torch.float32 else loss.float()
             # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so
             # scaling by world_size makes the gradient the mean over the global step.
-            scaled = loss.float() * (self.world_size / step_samples)
-            self.scaler.scale(scaled).backward()
-            loss_sum += loss.detach().float()
+            self.scaler.scale(loss * (self.world_size / step_samples)).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         self._optimizer_step()
         step_loss = loss_sum / step_samples
         self._first_bad_iter = torch.where((self._first_bad_iter < 0) & ~torch.isfinite(step_loss),

@@ -2,7 +2,7 @@
 """Training throughput of the engine against a bare PyTorch loop on the same data, model and optimizer.
 
     python tools/benchmark.py                                # CPU, 10,240 CIFAR-shaped images, every mode
-    python tools/benchmark.py --modes bare,engine --epochs 3 --device cuda
+    python tools/benchmark.py --modes bare,engine --epochs 3 --device cuda   # AMP on every side (--no-amp: off)
 
 Modes, all run in this one process:
   bare                hand-written loop (forward, loss, backward, SGD step) over pre-normalized float tensors
@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="runs of every mode, the order reversed every other repeat (default 8)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="fp16 autocast + GradScaler in every mode (TRAIN.AMP); default: on with --device cuda")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last model and batches in every mode (TRAIN.CHANNELS_LAST; CUDA)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the folder modes (default 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (torch.set_num_threads) for every mode; default: one core per "
@@ -91,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("use --images >= 2 batches, --epochs, --repeats and --threads >= 1, --workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
+    if args.device == "cpu" and (args.amp or args.channels_last):
+        parser.error("--amp and --channels-last are for --device cuda (the engine trains in float32 on the CPU)")
+    if args.amp is None:
+        args.amp = args.device == "cuda"
     return args
 
 
@@ -118,6 +126,7 @@ class Workspace:
             "OUTPUT_DIR", str(self.root / "runs" / f"{self._runs:03d}-{mode}"),
             "MLFLOW.TRACKING_URI", f"sqlite:///{self.root / 'store' / 'mlflow.db'}",
             "MLFLOW.EXPERIMENT_NAME", "benchmark", "MLFLOW.RUN_NAME", mode,
+            "TRAIN.AMP", str(self.args.amp), "TRAIN.CHANNELS_LAST", str(self.args.channels_last),
         ]
         return load_config(None, base + list(opts))
 
@@ -334,16 +343,21 @@ def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, w
     return RunResult(clock.times, memory.mib, weights, costs)
 
 
-def train_loop(model, optimizer, batches, epochs: int, device) -> EpochTimes:
-    """The limit: forward, loss, backward, step, and nothing else."""
+def train_loop(model, optimizer, batches, cfg, device) -> EpochTimes:
+    """The limit: forward, loss, backward, step, and nothing else (with AMP as the engine would use it)."""
+    amp = cfg.TRAIN.AMP and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    memory_format = torch.channels_last if cfg.TRAIN.CHANNELS_LAST else torch.contiguous_format
     times = EpochTimes(device)
     times.start()
-    for epoch in range(epochs):
+    for epoch in range(cfg.TRAIN.MAX_EPOCHS):
         for images, labels in batches(epoch):
-            loss = F.cross_entropy(model(images), labels)
+            with torch.autocast(device.type, torch.float16, enabled=amp):
+                loss = F.cross_entropy(model(images.contiguous(memory_format=memory_format)), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         times.lap()
     return times
 
@@ -372,7 +386,7 @@ def run_bare(workspace: Workspace) -> RunResult:
             yield images[index], labels[index]
 
     with PeakMemory(device) as memory:
-        times = train_loop(model, optimizer, batches, cfg.TRAIN.MAX_EPOCHS, device)
+        times = train_loop(model, optimizer, batches, cfg, device)
     return RunResult(times, memory.mib)
 
 
@@ -396,7 +410,7 @@ def run_torchvision_folder(workspace: Workspace) -> RunResult:
             yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
     with PeakMemory(device) as memory:
-        times = train_loop(model, optimizer, batches, cfg.TRAIN.MAX_EPOCHS, device)
+        times = train_loop(model, optimizer, batches, cfg, device)
     return RunResult(times, memory.mib)
 
 
@@ -491,7 +505,8 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     print(f"benchmark: {args.images} images, batch {args.batch_size}, 1 warm-up + {args.epochs} timed epochs, "
-          f"{args.repeats} repeats, {args.device}, {args.threads} torch threads, {args.workers} workers, "
+          f"{args.repeats} repeats, {args.device}{', AMP' if args.amp else ''}"
+          f"{', channels_last' if args.channels_last else ''}, {args.threads} torch threads, {args.workers} workers, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if os.getloadavg()[0] > (os.cpu_count() or 1):
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete for "
