@@ -46,3 +46,10 @@ def test_a_mistyped_mode_is_one_clear_error(tmp_path):
 
     assert result.returncode == 2
     assert "unknown mode 'engnie'" in result.stderr
+
+
+def test_amp_on_the_cpu_is_refused_with_the_reason(tmp_path):
+    result = run_benchmark(tmp_path, "--amp")
+
+    assert result.returncode == 2
+    assert "--amp and --channels-last are for --device cuda" in result.stderr
