@@ -20,7 +20,7 @@ test: $(STAMP)  ## lint (Python, shell, Dockerfile), then the whole test suite
 	$(VENV)/bin/hadolint docker/Dockerfile
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 15 minutes on 2 CPU cores)
+bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 7 minutes on 2 CPU cores)
 	$(PY) tools/benchmark.py
 
 ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000}

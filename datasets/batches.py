@@ -70,7 +70,7 @@ class InMemoryBatches(_BatchSource):
         super().__init__(len(split), batch_size, transform, device, shuffle, seed, rank, world_size)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
-        fixed, rest = transform.split_fixed_prefix()
+        fixed, rest = transform.split_fixed_prefix(example=self.images)
         if pretransform and fixed.steps and len(split):
             self.images, self.transform = apply_once(fixed, self.images), rest
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

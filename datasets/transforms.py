@@ -5,6 +5,8 @@ Random transforms draw from a hash of ``(seed, epoch, sample index)`` instead of
 so the same sample gets the same crop and flip in a resumed run and in any number of processes.
 """
 
+import itertools
+
 import torch
 
 from config import ConfigError
@@ -30,6 +32,7 @@ class ToTensor:
     """uint8 [0, 255] -> float32 [0, 1]."""
 
     random = False
+    pointwise = True  # each output value depends on the same pixel's value alone
 
     def __call__(self, images, indices, epoch):
         return images.float().div_(255) if images.dtype == torch.uint8 else images
@@ -37,6 +40,7 @@ class ToTensor:
 
 class Normalize:
     random = False
+    pointwise = True
 
     def __init__(self, mean, std):
         self.mean, self.std = mean, std
@@ -80,23 +84,29 @@ class RandomHorizontalFlip:
         self.seed = seed
 
     def coordinates(self, indices, epoch, height, width):
+        """Rows unchanged (None), columns reversed for about half of the samples."""
         flip = (sample_hash(indices, self.seed, epoch, salt=2) % 2).bool()
         forward = torch.arange(width, device=indices.device)
-        return (torch.arange(height, device=indices.device).expand(len(indices), height),
-                torch.where(flip[:, None], forward.flip(0), forward))
+        return None, torch.where(flip[:, None], forward.flip(0), forward)
 
     def __call__(self, images, indices, epoch):
         return remap(images, *self.coordinates(indices, epoch, *images.shape[2:]))
 
 
-def remap(images: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``out[b, c, y, x] = images[b, c, rows[b, y], columns[b, x]]``, zero where the coordinate is outside.
+def remap(images: torch.Tensor, rows, columns, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[b, c, y, x] = images[b, c, rows[b, y], columns[b, x]]``, zero (or ``fill[0, c, 0, 0]``) where the
+    coordinate is outside; ``None`` rows or columns are left as they are.
 
-    One gather over each image with a one-pixel zero border, flattened: much faster than padding, cropping
-    and flipping step by step (each of which copies the batch).
+    One gather over each image with a one-pixel border, flattened: much faster than padding, cropping and
+    flipping step by step (each of which copies the batch).
     """
     batch, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    if fill is not None:
+        border = fill.reshape(1, channels, 1)
+        padded[:, :, 0], padded[:, :, -1], padded[:, :, :, 0], padded[:, :, :, -1] = border, border, border, border
+    rows = torch.arange(height, device=images.device).expand(batch, height) if rows is None else rows
+    columns = torch.arange(width, device=images.device).expand(batch, width) if columns is None else columns
     rows, columns = (rows + 1).clamp(0, height + 1), (columns + 1).clamp(0, width + 1)  # outside -> border
     positions = (rows[:, :, None] * (width + 2) + columns[:, None, :]).view(batch, 1, height * width)
     gathered = padded.flatten(2).gather(2, positions.expand(batch, channels, height * width))
@@ -104,12 +114,15 @@ def remap(images: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> to
 
 
 class _Remap:
-    """Consecutive coordinate-mapping steps (crop, flip) composed into one ``remap`` of the batch."""
+    """Consecutive coordinate-mapping steps (crop, flip) composed into one ``remap`` of the batch.
+
+    ``fill`` is what the padding holds: zero, or what zero became through pointwise steps moved before this.
+    """
 
     random = True
 
-    def __init__(self, steps):
-        self.steps = steps
+    def __init__(self, steps, fill: torch.Tensor | None = None):
+        self.steps, self.fill = steps, fill
 
     def __call__(self, images, indices, epoch):
         height, width = images.shape[2:]
@@ -117,11 +130,14 @@ class _Remap:
         for step in self.steps[1:]:
             later_rows, later_columns = step.coordinates(indices, epoch, height, width)
             rows, columns = _compose(rows, later_rows, height), _compose(columns, later_columns, width)
-        return remap(images, rows, columns)
+        return remap(images, rows, columns, self.fill)
 
 
-def _compose(first: torch.Tensor, second: torch.Tensor, size: int) -> torch.Tensor:
-    """Input coordinates of ``second`` applied after ``first``; what ``second`` takes from outside stays outside."""
+def _compose(first, second, size: int):
+    """Input coordinates of ``second`` applied after ``first``; what ``second`` takes from outside stays outside.
+    ``None`` is the identity."""
+    if first is None or second is None:
+        return second if first is None else first
     inside = (second >= 0) & (second < size)
     return torch.where(inside, first.gather(1, second.clamp(0, size - 1)), second)
 
@@ -137,17 +153,34 @@ class BatchTransform:
         self._fused = _fuse_remaps(self.steps)
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        for step in self._fused:
-            images = step(images, indices, epoch)
+        images = _apply(self._fused, images, indices, epoch)
         return images.float() if images.dtype == torch.uint8 else images
 
-    def split_fixed_prefix(self) -> tuple["BatchTransform", "BatchTransform"]:
-        """The leading deterministic steps (a sample's output is the same in every epoch) and the rest.
+    def split_fixed_prefix(self, example: torch.Tensor | None = None) -> tuple["BatchTransform", "BatchTransform"]:
+        """The steps that give a sample the same output in every epoch, and the rest.
 
-        In-memory data applies the first part once to the whole split instead of to every batch.
+        In-memory data applies the first part once to the whole split instead of to every batch. That part is
+        the leading deterministic steps and, given ``example`` (the split's images, of which the first is
+        used), the pointwise steps (to_tensor, normalize) right after a run of crops and flips: moving pixels
+        and changing their values commute, when the padding gets the value that a zero pixel turns into.
         """
         count = next((i for i, step in enumerate(self.steps) if step.random), len(self.steps))
-        return BatchTransform(self.steps[:count]), BatchTransform(self.steps[count:])
+        fixed, rest = self.steps[:count], self.steps[count:]
+        movers = list(itertools.takewhile(lambda step: hasattr(step, "coordinates"), rest))
+        pointwise = list(itertools.takewhile(lambda step: getattr(step, "pointwise", False), rest[len(movers):]))
+        if example is None or not movers or not pointwise:
+            return BatchTransform(fixed), BatchTransform(rest)
+        index = torch.zeros(1, dtype=torch.int64, device=example.device)
+        zero = torch.zeros_like(_apply(fixed, example[:1, :, :1, :1], index, 0))  # what the padding inserts
+        fill = _apply(pointwise, zero, index, 0)
+        later = rest[len(movers) + len(pointwise):]
+        return BatchTransform(fixed + pointwise), BatchTransform([_Remap(movers, fill), *later])
+
+
+def _apply(steps, images, indices, epoch):
+    for step in steps:
+        images = step(images, indices, epoch)
+    return images
 
 
 def _fuse_remaps(steps) -> list:
@@ -157,7 +190,7 @@ def _fuse_remaps(steps) -> list:
             run.append(step)
             continue
         if run:
-            fused.append(run[0] if len(run) == 1 else _Remap(run))
+            fused.append(_Remap(run))
             run = []
         if step is not None:
             fused.append(step)

@@ -118,15 +118,21 @@ def test_pretransforming_the_split_once_gives_the_same_batches_bit_for_bit(steps
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
-def test_pretransform_keeps_the_split_as_floats_only_when_it_starts_with_deterministic_steps():
+def test_pretransform_moves_pointwise_steps_before_crops_and_flips_and_pads_with_what_zero_becomes():
     split = indexed_split(NUM_SAMPLES)
     normalized = InMemoryBatches(split, 8, BatchTransform([ToTensor()]), "cpu", shuffle=False, seed=7)
-    augmented = InMemoryBatches(split, 8, random_transform(), "cpu", shuffle=True, seed=7)
+    augmented = InMemoryBatches(split, 8, BatchTransform([RandomCrop(5), RandomHorizontalFlip(5), ToTensor(),
+                                                          Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.5])]),
+                                "cpu", shuffle=True, seed=7)
+    only_moved = InMemoryBatches(split, 8, BatchTransform([RandomCrop(5), RandomHorizontalFlip(5)]), "cpu",
+                                 shuffle=True, seed=7)
 
     assert normalized.images.dtype == torch.float32 and normalized.transform.steps == []
     assert torch.equal(normalized.images, split.images.float() / 255)
-    assert augmented.images.dtype == torch.uint8  # the crop pads uint8 zeros: nothing may come before it
-    assert len(augmented.transform.steps) == 3
+    assert augmented.images.dtype == torch.float32  # normalized once; the crop pads with (0 - mean) / std
+    (remap_step,) = augmented.transform.steps
+    assert torch.equal(remap_step.fill.flatten(), torch.tensor([-2.5, -1.6, -0.6]))
+    assert only_moved.images.dtype == torch.uint8  # nothing to do once
 
 
 def test_pretransform_works_through_a_split_larger_than_one_chunk():
