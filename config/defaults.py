@@ -54,8 +54,9 @@ _C.DATA.NUM_WORKERS = 2  # DataLoader workers for folder data (capped at the CPU
 # 4, random_horizontal_flip) act on training batches only. to_tensor scales uint8 to [0, 1];
 # normalize uses the dataset's per-channel mean and std.
 _C.DATA.TRANSFORM_LIST = ["to_tensor", "normalize"]
-# In-memory datasets: apply the leading deterministic transforms (to_tensor, normalize) once to the whole
-# split instead of to every batch. Same results, faster steps; the split takes 4x the memory (float32).
+# In-memory datasets: apply to_tensor and normalize once to the whole split instead of to every batch
+# (also when listed after random_crop / random_horizontal_flip: the crop's padding then holds what a zero
+# pixel becomes). Bit-identical results, faster steps; the split takes 4x the memory (float32).
 _C.DATA.PRETRANSFORM = True
 _C.DATA.VALIDATION_SIZE = 0.25  # fraction of the training files held out for validation, in (0, 1)
 _C.DATA.ROOT = ""  # image_folder: folder holding train/ and val/ (ImageFolder layout)
