@@ -75,10 +75,16 @@ _C.MLFLOW.RUN_NAME = ""  # empty = MLflow picks a name
 # Log the trained model with mlflow.pytorch.log_model at the end (torch.export "pt2" format: loading it
 # back does not unpickle code).
 _C.MLFLOW.LOG_MODEL = True
+# Register the logged model as a new version of this registered model (empty = off). MLflow reserves the
+# alias "latest"; models:/<name>/latest already resolves to the newest version.
+_C.MLFLOW.REGISTER_MODEL = ""
+# CPU, memory, disk and network (GPU utilisation, memory and power on NVIDIA GPUs) as system/... metrics,
+# sampled every 10 s by MLflow's monitor on a background thread, plus a last sample at the end.
+_C.MLFLOW.SYSTEM_METRICS = True
 
 _C.LOG = CN()
 _C.LOG.PERIOD = 20  # iterations between metric writes and console lines (every step's loss is logged)
-_C.LOG.PROGRESS_BAR = True  # tqdm bar on the terminal (never written to log.txt)
+_C.LOG.PROGRESS_BAR = True  # one tqdm bar for the run, with its ETA, on a terminal only (never in log.txt)
 
 _C.EVAL = CN()
 _C.EVAL.PERIOD = 1  # evaluate on the validation split every PERIOD epochs (and after the last); 0 = end only

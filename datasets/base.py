@@ -44,6 +44,7 @@ class DatasetSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    source: str = ""  # where the images come from: a download URL, a folder, or how they are made
 
 
 def split_train_val(split: TensorSplit, validation_size: float, seed: int) -> tuple[TensorSplit, TensorSplit]:

@@ -37,7 +37,8 @@ def build_cifar10(cfg) -> DatasetSplits:
     test = read_batches(folder, [TEST_BATCH])
     train, val = split_train_val(all_train, cfg.DATA.VALIDATION_SIZE, cfg.SEED)
     mean, std = channel_stats(train.images)
-    return DatasetSplits(train=train, val=val, test=test, mean=mean, std=std, num_classes=NUM_CLASSES)
+    return DatasetSplits(train=train, val=val, test=test, mean=mean, std=std, num_classes=NUM_CLASSES,
+                         source=CIFAR10_URL)
 
 
 def find_or_download(cache_dir: Path) -> Path:

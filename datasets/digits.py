@@ -18,4 +18,5 @@ def build_digits(cfg) -> DatasetSplits:
     labels = torch.from_numpy(digits.target)
     train, val = split_train_val(TensorSplit(images, labels), cfg.DATA.VALIDATION_SIZE, cfg.SEED)
     mean, std = channel_stats(train.images)
-    return DatasetSplits(train=train, val=val, test=None, mean=mean, std=std, num_classes=10)
+    return DatasetSplits(train=train, val=val, test=None, mean=mean, std=std, num_classes=10,
+                         source="sklearn.datasets.load_digits (bundled with scikit-learn)")

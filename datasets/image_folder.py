@@ -70,7 +70,8 @@ def build_image_folder(cfg) -> DatasetSplits:
         test = ImageFolderDataset(root / "test", channels, size)
         _check_same_classes(train, test)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GREY_MEAN, GREY_STD)
-    return DatasetSplits(train=train, val=val, test=test, mean=mean, std=std, num_classes=len(train.classes))
+    return DatasetSplits(train=train, val=val, test=test, mean=mean, std=std, num_classes=len(train.classes),
+                         source=str(root.resolve()))
 
 
 def _check_root(root: str) -> Path:

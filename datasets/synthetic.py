@@ -18,4 +18,5 @@ def build_synthetic(cfg) -> DatasetSplits:
     labels = torch.randint(0, num_classes, (cfg.DATA.SYNTHETIC_SIZE,), generator=generator)
     train, val = split_train_val(TensorSplit(images, labels), cfg.DATA.VALIDATION_SIZE, cfg.SEED)
     mean, std = channel_stats(train.images)
-    return DatasetSplits(train=train, val=val, test=None, mean=mean, std=std, num_classes=num_classes)
+    return DatasetSplits(train=train, val=val, test=None, mean=mean, std=std, num_classes=num_classes,
+                         source=f"random noise images and labels (SEED {cfg.SEED})")

@@ -151,6 +151,16 @@ class Checkpointer:
                 logger.warning(f"{error}; trying the previous checkpoint")
         return None
 
+    def set_aside_unreadable(self) -> list[Path]:
+        """Rename every periodic checkpoint to ``<name>.unreadable`` (after ``load_newest_valid`` found none that
+        loads), so that a fresh start does not overwrite them; returns the new paths."""
+        kept = []
+        for path in self.checkpoints():
+            kept.append(path.with_name(path.name + ".unreadable"))
+            path.rename(kept[-1])
+        (self.output_dir / POINTER).unlink(missing_ok=True)
+        return kept
+
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)

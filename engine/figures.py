@@ -28,3 +28,25 @@ def confusion_matrix_figure(confusion: torch.Tensor, class_names):
     figure.tight_layout()
     plt.close(figure)  # keep pyplot's registry empty; the Figure object itself stays usable
     return figure
+
+
+def per_class_accuracy_figure(accuracies, class_names, title: str):
+    """Accuracy of each class as horizontal bars, the value written at the end of each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, max(2.5, 0.35 * len(class_names) + 1)))
+    rows = range(len(class_names))
+    axes.barh(rows, accuracies, color="tab:blue")
+    axes.set_yticks(rows, labels=class_names)
+    axes.invert_yaxis()  # first class on top, as in the table
+    axes.set_xlim(0, 1.08)
+    axes.set_xlabel("accuracy")
+    for row, value in zip(rows, accuracies, strict=True):
+        axes.text(min(value, 1.0) + 0.01, row, f"{value:.3f}", va="center", fontsize=8)
+    axes.set_title(title)
+    figure.tight_layout()
+    plt.close(figure)
+    return figure

@@ -16,11 +16,14 @@ collects metrics, ``trainer.exception`` is what ended training, if anything). A 
 across a resume implements ``state_dict``/``load_state_dict``.
 """
 
+import datetime
 import logging
 import math
 import sys
 import time
 import weakref
+
+from engine.logger import attach_progress_bar
 
 logger = logging.getLogger("engine")
 
@@ -100,95 +103,145 @@ class EvalHook(HookBase):
     """Runs ``eval_function() -> {"loss": .., "acc1": .., ...}`` every ``period`` epochs and after the last.
 
     Scalars are stored as ``<prefix>_<name>`` (``val_loss``, ``val_acc1``) at the current iteration; the
-    full result (confusion matrix included) stays in ``trainer.latest_eval`` for other hooks.
+    full result (confusion matrix included) stays in ``trainer.latest_eval`` for other hooks, and is handed
+    to ``report(results, iteration)`` when given (per-class figures and tables).
     """
 
-    def __init__(self, eval_function, period: int, prefix: str = "val"):
-        self.eval_function, self.period, self.prefix = eval_function, period, prefix
+    NOT_METRICS = ("count",)  # a constant of the split, not a curve worth a chart
+
+    def __init__(self, eval_function, period: int, prefix: str = "val", report=None):
+        self.eval_function, self.period, self.prefix, self.report = eval_function, period, prefix, report
 
     def after_epoch(self):
         if not is_period_end(self.trainer.epoch + 1, self.period, self.trainer.max_epochs):
             return
         results = self.eval_function()
         for name, value in results.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and name not in self.NOT_METRICS:
                 self.trainer.storage.put(f"{self.prefix}_{name}", value, self.trainer.iter)
         self.trainer.latest_eval = {f"{self.prefix}_{k}": v for k, v in results.items()}
         self.trainer.latest_eval["iteration"] = self.trainer.iter
+        if self.report is not None:
+            self.report(results, self.trainer.iter)
         self.trainer.model.train()
 
 
 class MetricWriter(HookBase):
-    """Reads the stored metrics every ``period`` iterations (one device sync), checks the loss is finite,
-    prints a console line and hands the values to the tracker, which sends them in the background."""
+    """Reads the stored metrics (one device sync), checks the loss is finite and hands the values to the
+    tracker, which sends them in the background; prints the console lines.
+
+    Console: one line every ``period`` iterations (and at the last) with the training values,
+    ``epoch 3/15  iter 60/330  train_loss 0.2164  lr 0.02  ETA 0:01:52``, and one line per epoch with the
+    evaluation. The ETA is for the whole run, from this process's pace so far (evaluations included).
+    """
+
+    TRAINING_VALUES = ("train_loss", "lr")
+    EPOCH_VALUES = ("val_loss", "val_acc1", "images_per_sec")
 
     def __init__(self, tracker, period: int):
         self.tracker, self.period = tracker, period
         self.latest: dict[str, float] = {}
+        self._start_time, self._start_iter = 0.0, 0
+
+    def before_train(self):
+        self._start_time, self._start_iter = time.perf_counter(), self.trainer.iter
 
     def after_step(self):
         if is_period_end(self.trainer.iter, self.period, self.trainer.max_iter):
             self.write()
+            logger.info(self._line(f"iter {self.trainer.iter}/{self.trainer.max_iter}", self.TRAINING_VALUES))
 
     def after_epoch(self):
-        self.trainer.storage.put("epoch", self.trainer.epoch, self.trainer.iter)
-        self.write()
+        self.trainer.storage.put("epoch", self.trainer.epoch + 1, self.trainer.iter)  # 1-based, as printed
+        fresh = self.write()
+        if any(name in fresh for name in self.EPOCH_VALUES):
+            logger.info(self._line("", self.EPOCH_VALUES, only=fresh))
 
     def after_train(self):
         if self.trainer.exception is None or isinstance(self.trainer.exception, TrainingInterrupted):
             self.write()
 
-    def write(self):
+    def write(self) -> set[str]:
+        """Deliver what is stored; returns the names written."""
         self.trainer.check_finite()
         records = self.trainer.storage.drain()
-        if not records:
-            return
         for name, value, _ in records:
             self.latest[name] = value
-        if self.tracker is not None:
+        if records and self.tracker is not None:
             self.tracker.log_metrics(records)
-        logger.info(self._console_line())
+        return {name for name, _, _ in records}
 
-    def _console_line(self) -> str:
+    def _line(self, position: str, names, only=None) -> str:
         trainer = self.trainer
-        parts = [f"epoch {trainer.epoch + 1}/{trainer.max_epochs}", f"iter {trainer.iter}/{trainer.max_iter}"]
-        for name in ("train_loss", "lr", "val_loss", "val_acc1", "images_per_sec"):
-            if name in self.latest:
-                value = self.latest[name]
-                parts.append(f"{name} {value:.4g}" if math.isfinite(value) else f"{name} {value}")
+        parts = [f"epoch {trainer.epoch + 1}/{trainer.max_epochs}"] + ([position] if position else [])
+        for name in names:
+            if name in self.latest and (only is None or name in only):
+                parts.append(_format_value(name, self.latest[name]))
+        parts.append(f"ETA {self.eta()}")
         return "  ".join(parts)
+
+    def eta(self) -> str:
+        """Time left for the whole run, as H:MM:SS."""
+        done = self.trainer.iter - self._start_iter
+        if done <= 0:
+            return "?"
+        seconds = (time.perf_counter() - self._start_time) / done * (self.trainer.max_iter - self.trainer.iter)
+        return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def _format_value(name: str, value: float) -> str:
+    if name == "images_per_sec":
+        return f"{value:.0f} images/s"
+    return f"{name} {value:.4g}" if math.isfinite(value) else f"{name} {value}"
 
 
 class ProgressBar(HookBase):
-    """A tqdm bar per epoch on the terminal's stderr (kept out of log.txt)."""
+    """One tqdm bar for the whole run, with its ETA, on the terminal's stderr.
+
+    Only on a terminal: never in log.txt, a pipe or a file (``train_bg.sh``'s console file). Lines printed
+    meanwhile go above it (``engine.logger``).
+    """
+
+    FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}, {rate_fmt}]"
 
     def __init__(self, stream=None, enabled: bool = True):
-        self.stream, self.enabled = stream or sys.__stderr__, enabled
+        self.stream = stream or sys.__stderr__
+        self.enabled = enabled and _is_terminal(self.stream)
         self._bar = None
 
-    def before_epoch(self):
+    def before_train(self):
         if not self.enabled:
             return
         from tqdm import tqdm
 
-        done = self.trainer.iter - self.trainer.epoch * self.trainer.iters_per_epoch
-        self._bar = tqdm(total=self.trainer.iters_per_epoch, initial=done, file=self.stream, leave=False,
-                         desc=f"epoch {self.trainer.epoch + 1}/{self.trainer.max_epochs}", mininterval=0.5)
+        self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.iter, file=self.stream,
+                         bar_format=self.FORMAT, unit="step", dynamic_ncols=True, mininterval=0.5, leave=False,
+                         desc=self._description())
+        attach_progress_bar(self._bar)
+
+    def before_epoch(self):
+        if self._bar is not None:
+            self._bar.set_description_str(self._description(), refresh=False)
 
     def after_step(self):
         if self._bar is not None:
             self._bar.update(1)
 
-    def after_epoch(self):
-        self._close()
-
     def after_train(self):
-        self._close()
-
-    def _close(self):
         if self._bar is not None:
+            attach_progress_bar(None)
             self._bar.close()
             self._bar = None
+
+    def _description(self) -> str:
+        return f"epoch {self.trainer.epoch + 1}/{self.trainer.max_epochs}"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class PeriodicCheckpointer(HookBase):

@@ -28,6 +28,8 @@ LOCAL_STORE = REPO_ROOT / "mlruns" / "mlflow.db"
 PENDING_FILE = "mlflow_pending.jsonl"
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_REQUEST = 100
+# What a resumed run re-sends from the pending file (the status is its own, and a model link needs the model).
+RESENDABLE = ("metric", "artifact", "tags", "table", "inputs")
 KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -107,6 +109,7 @@ class MLflowTracker:
         self._params: dict = {}
         self._tags: dict = {}
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
+        self._delivered: dict = {}  # per metric: the newest record this process delivered (an mlflow Metric)
         self._queue = _DeliveryQueue(self._deliver)
 
     # ---- run lifecycle -----------------------------------------------------------------------------------
@@ -163,9 +166,13 @@ class MLflowTracker:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / Path(name).name
 
-    def log_model(self, model, input_example, timeout: float = 120.0) -> str | None:
-        """``mlflow.pytorch.log_model`` of the plain module, in torch.export's "pt2" format (loading it back
-        does not unpickle code). Runs at the end of training; a failure is a warning, model_final.pth stays."""
+    def log_model(self, model, input_example, name: str = "model", register_as: str = "",
+                  timeout: float = 120.0):
+        """``mlflow.pytorch.log_model`` of the plain module as ``name``, in torch.export's "pt2" format (loading
+        it back does not unpickle code); with ``register_as``, also a new version of that registered model.
+
+        Runs at the end of training and returns MLflow's ``ModelInfo`` (``model_id``, ``model_uri``), or None:
+        a failure is a warning, model_final.pth stays."""
         if not self.flush(timeout) or self.run_id is None:
             logger.warning("MLflow is unreachable: the model is not logged (model_final.pth is in OUTPUT_DIR)")
             return None
@@ -181,19 +188,44 @@ class MLflowTracker:
                 mlflow.set_tracking_uri(self.tracking_uri)
                 try:
                     with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                        info = mlflow.pytorch.log_model(model, name="model", input_example=input_example.numpy(),
+                        info = mlflow.pytorch.log_model(model, name=name, input_example=input_example.numpy(),
                                                         serialization_format="pt2",
                                                         pip_requirements=[f"torch=={_torch_version()}"])
+                    if register_as:
+                        self._register(info, register_as)
                 finally:
                     mlflow.set_tracking_uri(previous_uri)
             self.client.update_run(self.run_id, status="RUNNING")  # end() sets the final status
-            return info.model_uri
+            return info
         except Exception as error:
             logger.warning(f"could not log the model to MLflow: {_short(error)}")
             return None
 
+    def _register(self, info, name: str) -> None:
+        import mlflow
+
+        version = mlflow.register_model(info.model_uri, name)
+        # MLflow reserves the alias "latest" (models:/NAME/latest already means the newest version).
+        logger.info(f"registered the model as '{name}' version {version.version} (models:/{name}/latest)")
+
     def set_tags(self, tags: dict) -> None:
         self._queue.put(("tags", dict(tags)))
+
+    def log_table(self, data: dict, artifact_file: str) -> None:
+        """``{"column": [values, ...]}`` as an MLflow table (shown in the run's artifacts and evaluation view)."""
+        self._queue.put(("table", data, artifact_file))
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Dataset inputs of the run: dicts with ``name``, ``digest``, ``source_type``, ``source`` (JSON text),
+        ``profile`` (JSON text) and ``context`` (``training``, ``validation``, ...)."""
+        self._queue.put(("inputs", list(datasets)))
+
+    def link_metrics_to_model(self, model_id: str, names: list[str], dataset: dict | None = None) -> None:
+        """Attach the newest delivered value of each metric in ``names`` to the logged model ``model_id``.
+
+        The records keep their step and timestamp, so the run's history gains no duplicate point.
+        """
+        self._queue.put(("model_metrics", model_id, list(names), dataset))
 
     def flush(self, timeout: float = 30.0) -> bool:
         return self._queue.flush(timeout)
@@ -242,6 +274,7 @@ class MLflowTracker:
                 self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
                 for metric in metrics:  # a re-queued copy of a delivered step (after a resume) is skipped too
                     self._logged_steps[metric.key] = max(metric.step, self._logged_steps.get(metric.key, -1))
+                    self._delivered[metric.key] = metric
         elif kind == "artifact":
             _, path, artifact_path = batch[0]
             if Path(path).is_file():
@@ -252,6 +285,28 @@ class MLflowTracker:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in batch[0][1].items()])
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=batch[0][1])
+        elif kind == "table":
+            self.client.log_table(self.run_id, data=batch[0][1], artifact_file=batch[0][2])
+        elif kind == "inputs":
+            self._deliver_inputs(batch[0][1])
+        elif kind == "model_metrics":
+            self._deliver_model_metrics(*batch[0][1:])
+
+    def _deliver_inputs(self, datasets: list[dict]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], None, d["profile"]),
+                               tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def _deliver_model_metrics(self, model_id: str, names: list[str], dataset: dict | None) -> None:
+        from mlflow.entities import Metric
+
+        link = {"dataset_name": dataset["name"], "dataset_digest": dataset["digest"]} if dataset else {}
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, **link)
+                   for m in (self._delivered.get(name) for name in names) if m is not None]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def _ensure_run(self) -> None:
         if self.run_id is not None and self._params is None:
@@ -294,7 +349,7 @@ class MLflowTracker:
         if self.pending_dir is None or not (self.pending_dir / PENDING_FILE).is_file():
             return
         _, items = read_pending_file(self.pending_dir / PENDING_FILE)
-        self._queue.extend([tuple(item) for item in items if item[0] in ("metric", "artifact", "tags")])
+        self._queue.extend([tuple(item) for item in items if item[0] in RESENDABLE])
 
 
 def read_pending_file(path: Path) -> tuple[dict, list]:

@@ -226,7 +226,11 @@ class _NullContext:
 
 
 def capture_rng_state() -> dict:
-    """Every global random stream, in types that ``torch.load(weights_only=True)`` accepts."""
+    """The global random streams training draws from, in types that ``torch.load(weights_only=True)`` accepts.
+
+    Python's ``random`` is recorded but never seeded or restored: other libraries draw from it (MLflow's run
+    names), and training does not.
+    """
     numpy_state = np.random.get_state()
     return {
         "python": _to_lists(random.getstate()),
@@ -237,8 +241,6 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])

@@ -102,14 +102,15 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, before_save=None,
-                  extra_hooks=()) -> Trainer:
+                  extra_hooks=(), eval_report=None) -> Trainer:
     """The trainer with the built-in hooks, in the order they must run.
 
     ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointer, so a
     checkpoint holds their state as of the same step.
 
     ``tracker`` (an MLflowTracker, or None on other ranks and when logging is off) receives the metrics;
-    ``checkpointer`` (None = no checkpoints) saves them.
+    ``checkpointer`` (None = no checkpoints) saves them. ``eval_report(results, step)`` receives every
+    evaluation's full results (per-class figures and tables).
     """
     optimizer = build_optimizer(cfg, model)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
@@ -121,7 +122,7 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
         engine_hooks.LRScheduler(scheduler),
         engine_hooks.IterationTimer(len(data.splits.train)),
         engine_hooks.EvalHook(lambda: evaluate(eval_model, data.val, num_classes, device, cfg.TRAIN.AMP),
-                              cfg.EVAL.PERIOD),
+                              cfg.EVAL.PERIOD, report=eval_report),
         writer,
         *extra_hooks,
     ]

@@ -9,12 +9,14 @@
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
 from config import ConfigError, setup_config  # noqa: E402
+from config.defaults import REPO_ROOT  # noqa: E402
 from datasets import DatasetError  # noqa: E402
 from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.hooks import TrainingInterrupted  # noqa: E402
@@ -50,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
         if args.rerun:
@@ -62,10 +65,13 @@ def main(argv=None) -> int:
             train(cfg, resume=args.resume, extra_tags=source_tags)
         return 0
     except TrainingInterrupted as stop:
-        print(f"training interrupted: {stop}; continue with --resume", file=sys.stderr)
+        print(f"training interrupted: {stop}; continue it with (from the repository root):", file=sys.stderr)
+        print(resume_command(argv, getattr(stop, "output_dir", None)), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("interrupted at once; continue from the last checkpoint with --resume", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print("interrupted at once; continue from the last checkpoint with (from the repository root):",
+              file=sys.stderr)
+        print(resume_command(argv, getattr(stop, "output_dir", None)), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # at once: skip the interpreter's slow teardown (seconds with torch loaded)
@@ -74,6 +80,34 @@ def main(argv=None) -> int:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def resume_command(argv: list[str], output_dir) -> str:
+    """The command that continues this run: the same arguments, its OUTPUT_DIR, and --resume.
+
+    Paths are written relative to the repository root when they are inside it, as the command is run from there.
+    """
+    args, rest = [], list(argv)
+    while rest:
+        token = rest.pop(0)
+        if token == "--resume":
+            continue
+        if token == "OUTPUT_DIR" and rest:
+            rest.pop(0)
+            continue
+        if token == "--config-file" and rest:
+            token = f"{token} {shlex.quote(_from_repo_root(rest.pop(0)))}"
+        else:
+            token = shlex.quote(token)
+        args.append(token)
+    if output_dir is not None:
+        args += ["OUTPUT_DIR", shlex.quote(_from_repo_root(str(output_dir)))]
+    return " ".join(["python", "tools/train_net.py", *args, "--resume"])
+
+
+def _from_repo_root(path: str) -> str:
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(REPO_ROOT)) if absolute.is_relative_to(REPO_ROOT) else str(absolute)
 
 
 def one_line(error: Exception) -> str:
