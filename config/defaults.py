@@ -46,7 +46,7 @@ _C.TRAIN.CHANNELS_LAST = False  # CUDA: channels_last memory format for model an
 
 _C.DATA = CN()
 _C.DATA.CACHE_DIR = str(REPO_ROOT / ".data")  # where datasets are downloaded to and read from
-_C.DATA.CLASSES = list(CIFAR10_CLASSES)  # class names; their number must match the dataset
+_C.DATA.CLASSES = list(CIFAR10_CLASSES)  # class names in label order (image_folder: sorted folder names)
 _C.DATA.DATASET_TYPE = "cifar10"  # cifar10 (also spelled cifer10), digits, image_folder, synthetic
 _C.DATA.INPUT_DIM = 3  # image channels fed to the model (digits are repeated to this many)
 _C.DATA.NUM_WORKERS = 2  # DataLoader workers for folder data (capped at the CPU count)

@@ -6,12 +6,18 @@ value and the fix; ``tools/train_net.py`` prints it as a single line.
 
 import ast
 import difflib
+import re
 from pathlib import Path
 
 import yaml
 from yacs.config import CfgNode
 
 from config.defaults import get_default_config
+
+# What YAML 1.1 (yaml.safe_load) reads as a bool, so the command line takes what a config file takes.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+FOLDER_EXAMPLES = 6  # YAML files named when --config-file is a folder
 
 
 class ConfigError(ValueError):
@@ -37,6 +43,8 @@ def setup_config(args) -> CfgNode:
 
 def merge_yaml_file(cfg: CfgNode, path: str) -> None:
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(_folder_message(file, path))
     if not file.is_file():
         raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. config/digits.yaml)")
     try:
@@ -56,12 +64,17 @@ def merge_yaml_file(cfg: CfgNode, path: str) -> None:
 
 
 def merge_opts(cfg: CfgNode, opts: list[str]) -> None:
+    _check_no_key_equals_value(cfg, opts)
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides come in KEY VALUE pairs; '{opts[-1]}' has no value")
     for key, text in zip(opts[0::2], opts[1::2], strict=True):
         node, leaf = _find_parent(cfg, key)
-        # A string key takes the text as typed (so OUTPUT_DIR 007 stays "007").
-        value = text if isinstance(node[leaf], str) else _parse_literal(text)
+        if isinstance(node[leaf], str):
+            value = text  # taken as typed, so OUTPUT_DIR 007 stays "007"
+        elif isinstance(node[leaf], bool) and text.lower() in BOOL_WORDS:
+            value = BOOL_WORDS[text.lower()]
+        else:
+            value = _parse_literal(text)
         node[leaf] = _coerce(key, node[leaf], value)
 
 
@@ -112,6 +125,27 @@ def flatten_config(cfg: CfgNode, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _folder_message(folder: Path, path: str) -> str:
+    names = sorted(str(Path(path) / file.name) for pattern in ("*.yaml", "*.yml") for file in folder.glob(pattern))
+    if not names:
+        return f"--config-file {path} is a folder with no YAML files in it; pass a YAML file such as config/digits.yaml"
+    return f"--config-file {path} is a folder; pass one of its YAML files, e.g. {', '.join(names[:FOLDER_EXAMPLES])}"
+
+
+def _check_no_key_equals_value(cfg: CfgNode, opts: list[str]) -> None:
+    """Refuse ``TRAIN.LR=0.1``: split as a KEY VALUE pair it would pair the wrong tokens or have no value.
+
+    Every token in a key position is checked; a value is refused only when its left part is a config key, so
+    a value such as ``MLFLOW.RUN_NAME lr=0.1`` stays allowed.
+    """
+    known = {key.upper() for key in flatten_config(cfg)}
+    for index, token in enumerate(opts):
+        key, equals, value = token.partition("=")
+        if equals and KEY_PATTERN.fullmatch(key) and (index % 2 == 0 or key.upper() in known):
+            raise ConfigError(f"'{token}' is not a config override; write {key} {value} "
+                              "(KEY VALUE, separated by a space)")
+
+
 def _merge_mapping(cfg: CfgNode, data: dict, prefix: str, source: str) -> None:
     for key, value in data.items():
         full_key = f"{prefix}{key}"
@@ -140,9 +174,29 @@ def _find_parent(cfg: CfgNode, full_key: str) -> tuple[CfgNode, str]:
 
 
 def _unknown_key_message(node: CfgNode, full_key: str, part: str, prefix: str) -> str:
-    close = difflib.get_close_matches(part, list(node.keys()), n=1)
-    hint = f"; did you mean {prefix}{close[0]}?" if close else "; every key is listed in config/defaults.py"
+    """Suggest the key spelled in another case (``train.lr`` -> ``TRAIN.LR``), else the closest spelling."""
+    rest = full_key[len(prefix) + len(part):].lstrip(".")
+    suggestion = _match_ignoring_case(node, [part, *rest.split(".")] if rest else [part])
+    if suggestion is None:
+        by_upper = {key.upper(): key for key in node.keys()}
+        close = difflib.get_close_matches(part.upper(), list(by_upper), n=1)
+        suggestion = by_upper[close[0]] if close else None
+    hint = f"; did you mean {prefix}{suggestion}?" if suggestion else "; every key is listed in config/defaults.py"
     return f"unknown config key {full_key}{hint}"
+
+
+def _match_ignoring_case(node: CfgNode, parts: list[str]) -> str | None:
+    """The key path that ``parts`` names when case is ignored, or None."""
+    matched = []
+    for part in parts:
+        if not isinstance(node, CfgNode):
+            return None
+        key = next((key for key in node.keys() if key.upper() == part.upper()), None)
+        if key is None:
+            return None
+        matched.append(key)
+        node = node[key]
+    return ".".join(matched)
 
 
 def _parse_literal(text: str):

@@ -4,8 +4,9 @@
     DATA.ROOT/val/<class name>/...
     DATA.ROOT/test/<class name>/...      (optional)
 
-Class indices follow the sorted folder names. Items are decoded and resized only; random augmentation
-and normalization happen later, on whole batches on the training device.
+Class indices follow the sorted folder names, and DATA.CLASSES must list those names in that order.
+Items are decoded and resized only; random augmentation and normalization happen later, on whole batches
+on the training device.
 """
 
 from pathlib import Path
@@ -63,6 +64,7 @@ def build_image_folder(cfg) -> DatasetSplits:
     root = _check_root(cfg.DATA.ROOT)
     channels, size = cfg.DATA.INPUT_DIM, cfg.DATA.IMAGE_SIZE
     train = ImageFolderDataset(_split_folder(root, "train"), channels, size)
+    _check_class_names(list(cfg.DATA.CLASSES), train)
     val = ImageFolderDataset(_split_folder(root, "val"), channels, size)
     _check_same_classes(train, val)
     test = None
@@ -90,6 +92,13 @@ def _split_folder(root: Path, split: str) -> Path:
         raise DatasetError(f"{folder} is missing; DATA.ROOT must hold train/ and val/ (and optionally test/), "
                            f"each with one subfolder of images per class")
     return folder
+
+
+def _check_class_names(names: list[str], train: ImageFolderDataset) -> None:
+    """DATA.CLASSES names the labels in metrics and reports; a typed order other than the folders' mislabels them."""
+    if names != train.classes:
+        raise DatasetError(f"DATA.CLASSES {names} does not match the class folders of {train.folder}, which define "
+                           f"the labels in sorted order: {train.classes}; set DATA.CLASSES \"{train.classes}\"")
 
 
 def _check_same_classes(train: ImageFolderDataset, other: ImageFolderDataset) -> None:

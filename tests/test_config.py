@@ -136,6 +136,17 @@ def test_a_missing_config_file_is_named(tmp_path):
     assert f"config file not found: {missing}" in config_error(config_file=str(missing))
 
 
+def test_a_folder_as_config_file_names_the_yaml_files_in_it():
+    folder = REPO_ROOT / "config"
+    message = config_error(config_file=str(folder))
+    assert message.startswith(f"--config-file {folder} is a folder; pass one of its YAML files, e.g. ")
+    assert f"{folder / 'digits.yaml'}, {folder / 'resnet18.yaml'}" in message
+
+
+def test_a_folder_without_yaml_files_says_so(tmp_path):
+    assert f"--config-file {tmp_path} is a folder with no YAML files in it" in config_error(config_file=str(tmp_path))
+
+
 def test_malformed_yaml_names_the_file_and_line(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("TRAIN:\n  LR: 0.1\n  BATCH_SIZE: [64\n")
@@ -146,6 +157,8 @@ def test_malformed_yaml_names_the_file_and_line(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ("TRAIN:\n  NO_SUCH_KEY: 1\n", "unknown config key TRAIN.NO_SUCH_KEY"),
     ("TRAIN:\n  BATCH_SZE: 32\n", "did you mean TRAIN.BATCH_SIZE?"),
+    ("TRAIN:\n  lr: 0.1\n", "unknown config key TRAIN.lr; did you mean TRAIN.LR?"),
+    ("train:\n  LR: 0.1\n", "unknown config key train; did you mean TRAIN?"),
     ("TRAIN: 3\n", "TRAIN is a section and needs nested keys"),
     ("- TRAIN\n", "must hold a mapping of config keys"),
     ("TRAIN:\n  LR: fast\n", "TRAIN.LR must be of type float"),
@@ -160,16 +173,47 @@ def test_mistakes_in_a_yaml_file_are_named(tmp_path, text, expected):
     (["TRAIN.NO_SUCH_KEY", "1"], "unknown config key TRAIN.NO_SUCH_KEY"),
     (["TRAIN.LEARNING_RATE", "0.1"], "unknown config key TRAIN.LEARNING_RATE"),
     (["TRAN.LR", "0.1"], "did you mean TRAIN?"),
+    (["train.lr", "0.1"], "unknown config key train.lr; did you mean TRAIN.LR?"),
+    (["TRAIN.lr", "0.1"], "did you mean TRAIN.LR?"),
+    (["Train.Lr", "0.1"], "did you mean TRAIN.LR?"),
+    (["tran.lr", "0.1"], "did you mean TRAIN?"),
     (["TRAIN", "1"], "TRAIN is a section; set one of its keys"),
     (["TRAIN.LR"], "'TRAIN.LR' has no value"),
     (["TRAIN.BATCH_SIZE", "32.5"], "TRAIN.BATCH_SIZE must be of type int (like 128), got 32.5"),
     (["TRAIN.BATCH_SIZE", "True"], "TRAIN.BATCH_SIZE must be of type int"),
     (["TRAIN.LR", "fast"], "TRAIN.LR must be of type float (like 0.01), got 'fast'"),
-    (["TRAIN.AMP", "yes"], "TRAIN.AMP must be of type bool"),
+    (["TRAIN.AMP", "1"], "TRAIN.AMP must be of type bool"),
     (["DATA.CLASSES", "cat"], "DATA.CLASSES must be of type list"),
 ])
 def test_mistakes_on_the_command_line_are_named(opts, expected):
     assert expected in config_error(*opts)
+
+
+@pytest.mark.parametrize("opts", [
+    ["TRAIN.LR=0.1"],
+    ["TRAIN.LR=0.1", "TRAIN.MAX_EPOCHS=3"],  # an even count pairs up, but wrongly
+    ["SEED", "1", "TRAIN.LR=0.1", "TRAIN.MAX_EPOCHS", "3"],
+    ["SEED", "1", "TRAIN.MAX_EPOCHS", "TRAIN.LR=0.1"],
+])
+def test_key_equals_value_on_the_command_line_shows_the_pair_to_write(opts):
+    assert "'TRAIN.LR=0.1' is not a config override; write TRAIN.LR 0.1 (KEY VALUE, separated by a space)" \
+        == config_error(*opts)
+
+
+def test_a_value_may_contain_an_equals_sign():
+    assert load_config(None, ["MLFLOW.RUN_NAME", "lr=0.1", "TRAIN.LR", "0.2"]).MLFLOW.RUN_NAME == "lr=0.1"
+    assert "write TRAIN.LR 0.2" in config_error("MLFLOW.RUN_NAME", "lr=0.1", "TRAIN.LR=0.2")
+
+
+@pytest.mark.parametrize("word, expected", [
+    ("true", True), ("TRUE", True), ("yes", True), ("On", True),
+    ("false", False), ("False", False), ("no", False), ("OFF", False),
+])
+def test_bool_keys_take_the_words_a_yaml_file_takes(word, expected, tmp_path):
+    path = tmp_path / "amp.yaml"
+    path.write_text(f"TRAIN:\n  AMP: {word}\n")
+    assert load_config(str(path), []).TRAIN.AMP is expected  # what a YAML file means by the word...
+    assert load_config(None, ["TRAIN.AMP", word]).TRAIN.AMP is expected  # ...it means on the command line
 
 
 @pytest.mark.parametrize("key, value, expected", [

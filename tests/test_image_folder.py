@@ -108,6 +108,17 @@ def test_val_classes_must_match_train_classes(tmp_path):
         build_image_folder(folder_config(tmp_path))
 
 
+@pytest.mark.parametrize("classes", ["['dog', 'cat']", "['cat', 'cow']", "['cat', 'dog', 'bird']", "['Cat', 'Dog']"])
+def test_class_names_must_be_the_folder_names_in_sorted_order(tmp_path, classes):
+    make_dataset(tmp_path)
+    expected = (f"DATA.CLASSES {classes} does not match the class folders of {tmp_path / 'train'}, which define the "
+                "labels in sorted order: ['cat', 'dog']; set DATA.CLASSES \"['cat', 'dog']\"")
+    cfg = folder_config(tmp_path, "DATA.CLASSES", classes)
+    with pytest.raises(DatasetError) as raised:
+        build_datasets(cfg)
+    assert str(raised.value) == expected
+
+
 def test_an_input_dim_other_than_1_or_3_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="set DATA.INPUT_DIM 3 or 1"):
         build_image_folder(folder_config(make_dataset(tmp_path), "DATA.INPUT_DIM", "2"))

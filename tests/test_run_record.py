@@ -3,7 +3,8 @@
 Every run carries, as MLflow tags: the git commit (``mlflow.source.git.commit``), the branch and whether the
 tree was dirty; the exact command line (``command``); the seed; the Python, torch and CUDA versions; the
 device names and the world size. Artifacts: ``requirements-freeze.txt`` (pip freeze) always, and
-``git_diff.patch`` when the tree was dirty.
+``git_diff.patch`` when the tree was dirty: tracked changes and new untracked files, as one patch that
+``git apply`` takes on a checkout of the commit.
 
 One real ``tools/train_net.py`` process (a quick synthetic run) is shared by the module: the command line and
 the environment are those of a real process, with a secret planted in its environment.
@@ -23,6 +24,7 @@ from conftest import isolated_training
 import tools.run_record
 from config import load_config
 from tools.run import RUN_ID_FILE, start_tracker
+from tools.run_record import git_diff
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
@@ -69,7 +71,8 @@ def test_the_diff_is_an_artifact_exactly_when_the_tree_was_dirty(recorded):
     diff = recorded["artifacts"] / "git_diff.patch"
     assert diff.is_file() == (dirty == "True")
     if diff.is_file():
-        assert diff.read_text().startswith("diff --git ")
+        lines = [line for line in diff.read_text().splitlines() if not line.startswith("# not included")]
+        assert lines[0].startswith("diff --git ")
 
 
 def test_the_run_records_the_exact_command_line(recorded):
@@ -144,7 +147,8 @@ def recorded_diff(tmp_path, store: str, run) -> Path:
 
 
 def test_a_clean_checkout_is_recorded_without_a_diff(checkout, tmp_path, store):
-    (checkout / "notes.txt").write_text("untracked files are not part of the diff\n")
+    (checkout / ".git" / "info" / "exclude").write_text("*.log\n")
+    (checkout / "train.log").write_text("ignored files are not part of the diff\n")
 
     run, artifacts = record_of(tmp_path, store)
 
@@ -178,6 +182,59 @@ def test_the_recorded_diff_applies_to_the_recorded_commit(checkout, tmp_path, st
 
     assert applied.returncode == 0, applied.stderr
     assert (checkout / "train.py").read_text() == "LR = 0.5\nEPOCHS = 2\n"
+
+
+def test_a_new_untracked_file_makes_the_checkout_dirty(checkout, tmp_path, store):
+    (checkout / "networks").mkdir()
+    (checkout / "networks" / "mlp.py").write_text("HIDDEN = 64\n")
+
+    run, artifacts = record_of(tmp_path, store)
+
+    assert run.data.tags["git_dirty"] == "True"
+    diff = recorded_diff(tmp_path, store, run).read_text()
+    assert diff.startswith("diff --git a/networks/mlp.py b/networks/mlp.py\nnew file mode 100644\n")
+    assert "+HIDDEN = 64\n" in diff
+
+
+def apply_to_a_fresh_clone(checkout: Path, patch: str, tmp_path: Path) -> Path:
+    """Clone the committed state of ``checkout`` and ``git apply`` the patch there."""
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(checkout), str(clone), cwd=tmp_path)
+    applied = subprocess.run(["git", "apply"], input=patch, cwd=clone, capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    return clone
+
+
+def test_the_diff_recreates_new_files_empty_ones_included(checkout, tmp_path):
+    (checkout / "train.py").write_text("LR = 0.5\nEPOCHS = 2\n")
+    (checkout / "new.py").write_text("import torch\n\nWIDTH = 3\n")
+    (checkout / "empty.py").write_text("")
+    (checkout / "package").mkdir()
+    (checkout / "package" / "__init__.py").write_text("")
+
+    patch = git_diff(checkout)
+    clone = apply_to_a_fresh_clone(checkout, patch, tmp_path)
+
+    assert "diff --git a/empty.py b/empty.py\nnew file mode 100644\nindex 0000000..e69de29\n" in patch
+    for name in ("train.py", "new.py", "empty.py", "package/__init__.py"):
+        assert (clone / name).read_text() == (checkout / name).read_text(), name
+    assert git("ls-files", cwd=checkout) == "train.py"  # the checkout's own index is untouched
+
+
+def test_binary_and_large_untracked_files_are_named_not_included(checkout, tmp_path):
+    (checkout / "weights.pth").write_bytes(b"PK\x03\x04\x00\x00 binary")
+    (checkout / "big.csv").write_text("0,1\n" * 300_000)  # 1.2 MB of text
+    (checkout / "small.py").write_text("OK = True\n")
+
+    patch = git_diff(checkout)
+    clone = apply_to_a_fresh_clone(checkout, patch, tmp_path)
+
+    assert patch.startswith("# not included (binary or over 1 MB): big.csv\n"
+                            "# not included (binary or over 1 MB): weights.pth\n"
+                            "diff --git a/small.py b/small.py\n")
+    assert "0,1" not in patch
+    assert (clone / "small.py").read_text() == "OK = True\n"
+    assert not (clone / "big.csv").exists() and not (clone / "weights.pth").exists()
 
 
 def test_outside_a_git_checkout_the_run_simply_has_no_git_tags(tmp_path, monkeypatch, store):

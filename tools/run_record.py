@@ -4,21 +4,32 @@ Environment variables are never dumped wholesale; the diff and the package list 
 by the caller only when useful (a dirty tree), the rest as short tags.
 """
 
+import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from config.defaults import REPO_ROOT
 from engine.distributed import get_world_size
 
+MAX_UNTRACKED_BYTES = 1 << 20  # a larger untracked file is named in the patch, not copied into it
+BINARY_PROBE_BYTES = 8192  # git's own test: a NUL byte in the first 8 KB makes a file binary
+LEFT_OUT_NOTE = "# not included (binary or over 1 MB): "
 
-def _git(*args, strip: bool = True) -> str | None:
+
+def _git(*args, strip: bool = True, repo: Path | None = None, env: dict | None = None,
+         stdin: str | None = None) -> str | None:
     try:
-        result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        # REPO_ROOT is read at call time, so pointing the module at another checkout moves every git call.
+        result = subprocess.run(["git", *args], cwd=repo or REPO_ROOT, capture_output=True, text=True, timeout=10,
+                                env=env, input=stdin)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:
@@ -28,7 +39,7 @@ def _git(*args, strip: bool = True) -> str | None:
 
 def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=normal")  # a new file is a change too
     record = {
         "mlflow.source.name": "tools/train_net.py",
         "mlflow.source.type": "LOCAL",
@@ -53,9 +64,49 @@ def redact_credentials(value):
     return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", value) if isinstance(value, str) else value
 
 
-def git_diff() -> str:
-    """The uncommitted changes to tracked files ('' for a clean tree or outside git)."""
-    return _git("diff", "HEAD", strip=False) or ""  # exactly as git prints it, so `git apply` takes it
+def git_diff(repo: Path | None = None) -> str:
+    """The uncommitted changes against HEAD as a patch ``git apply`` takes ('' for a clean tree or outside git).
+
+    Untracked, not ignored files come in as new files. Binary ones and those over 1 MB are only named, in
+    comment lines above the first ``diff --git`` (which ``git apply`` skips).
+    """
+    repo = Path(repo or REPO_ROOT)
+    listing = _git("ls-files", "--others", "--exclude-standard", "-z", strip=False, repo=repo) or ""
+    untracked = [path for path in listing.split("\0") if path]
+    left_out = [path for path in untracked if _binary_or_large(repo / path)]
+    included = [path for path in untracked if path not in left_out]
+    notes = "".join(f"{LEFT_OUT_NOTE}{path}\n" for path in left_out)
+    return notes + _diff_with_new_files(repo, included)
+
+
+def _diff_with_new_files(repo: Path, new_files: list[str]) -> str:
+    if not new_files:
+        return _git("diff", "HEAD", strip=False, repo=repo) or ""  # exactly as git prints it
+    index = _git("rev-parse", "--git-path", "index", repo=repo)
+    with tempfile.TemporaryDirectory() as scratch:
+        # Marked intent-to-add in a copy of the index, the files show in `git diff` as new files (empty ones
+        # too), and the user's own index is never written.
+        temp_index = Path(scratch) / "index"
+        if index and (repo / index).is_file():
+            shutil.copyfile(repo / index, temp_index)
+        env = {**os.environ, "GIT_INDEX_FILE": str(temp_index)}
+        _git("--literal-pathspecs", "add", "--intent-to-add", "--pathspec-from-file=-", "--pathspec-file-nul",
+             repo=repo, env=env, stdin="\0".join(new_files))
+        return _git("diff", "HEAD", strip=False, repo=repo, env=env) or ""
+
+
+def _binary_or_large(path: Path) -> bool:
+    """True for what a text patch cannot carry well: big files, binary or non-UTF-8 content, nested repos."""
+    if path.is_symlink():
+        return False  # git records the link's target, a short text
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_UNTRACKED_BYTES:
+            return True
+        content = path.read_bytes()
+        content.decode("utf-8")  # the patch is text; other encodings would not survive it
+    except (OSError, UnicodeDecodeError):
+        return True
+    return b"\0" in content[:BINARY_PROBE_BYTES]
 
 
 def installed_packages() -> str:
