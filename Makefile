@@ -23,5 +23,5 @@ test: $(STAMP)  ## lint (Python, shell, Dockerfile), then the whole test suite
 bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 7 minutes on 2 CPU cores)
 	$(PY) tools/benchmark.py
 
-ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000}
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh tools/mlflow_ui.sh
+ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000} (MLFLOW_ARGS="--workers 4")
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh tools/mlflow_ui.sh $(MLFLOW_ARGS)

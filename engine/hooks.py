@@ -19,6 +19,7 @@ across a resume implements ``state_dict``/``load_state_dict``.
 import datetime
 import logging
 import math
+import os
 import sys
 import time
 import weakref
@@ -215,12 +216,13 @@ class ProgressBar(HookBase):
         from tqdm import tqdm
 
         self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.iter, file=self.stream,
-                         bar_format=self.FORMAT, unit="step", dynamic_ncols=True, mininterval=0.5, leave=False,
+                         bar_format=self.FORMAT, unit="step", ncols=self._width(), mininterval=0.5, leave=False,
                          desc=self._description())
         attach_progress_bar(self._bar)
 
     def before_epoch(self):
         if self._bar is not None:
+            self._bar.ncols = self._width()  # follows a resized terminal, epoch by epoch
             self._bar.set_description_str(self._description(), refresh=False)
 
     def after_step(self):
@@ -235,6 +237,14 @@ class ProgressBar(HookBase):
 
     def _description(self) -> str:
         return f"epoch {self.trainer.epoch + 1}/{self.trainer.max_epochs}"
+
+    def _width(self) -> int:
+        """A little narrower than the terminal: the "^C" a terminal echoes then stays on the bar's line."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 80
+        return max(columns - 4, 40)
 
 
 def _is_terminal(stream) -> bool:

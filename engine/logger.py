@@ -53,6 +53,7 @@ class _Tee:
 
     def _write_around_bar(self, lines):
         _bar.clear(nolock=True)
+        self.stream.write("\r\x1b[2K")  # also erases what the terminal echoed after the bar (^C)
         self.stream.write(lines)
         self.stream.flush()
         _bar.refresh(nolock=True)

@@ -20,7 +20,7 @@ class SystemMetrics:
                  resume: bool = False):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter on screen
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # our own lines report outages
         self._monitor = SystemMetricsMonitor(run_id, sampling_interval=max(interval, MIN_INTERVAL),
                                              resume_logging=resume, node_id=node_id, tracking_uri=tracking_uri)
         self._monitor.start()

@@ -147,15 +147,16 @@ class MLflowTracker:
         self._queue.put(("artifact", str(local_path), artifact_path))
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        """Render now (the figure may change later), upload in the background."""
+        """Render now (the figure may change later), upload in the background. ``artifact_file`` may name a
+        folder of the run's artifacts (``per_class_accuracy/val.png``)."""
         path = self._artifact_path(artifact_file)
         figure.savefig(path)
-        self._queue.put(("artifact", str(path), None))
+        self._queue.put(("artifact", str(path), _folder_of(artifact_file)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         path = self._artifact_path(artifact_file)
         path.write_text(text)
-        self._queue.put(("artifact", str(path), None))
+        self._queue.put(("artifact", str(path), _folder_of(artifact_file)))
 
     def _artifact_path(self, name: str) -> Path:
         """Where a generated artifact waits for its upload: OUTPUT_DIR/mlflow_artifacts, so that it is still
@@ -163,8 +164,9 @@ class MLflowTracker:
         import tempfile
 
         folder = self.pending_dir / "mlflow_artifacts" if self.pending_dir else Path(tempfile.mkdtemp())
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / Path(name).name
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def log_model(self, model, input_example, name: str = "model", register_as: str = "",
                   timeout: float = 120.0):
@@ -467,6 +469,11 @@ class _DeliveryQueue:
             with self._condition:
                 self._in_flight = []
                 self._condition.notify_all()
+
+
+def _folder_of(artifact_file: str) -> str | None:
+    folder = str(Path(artifact_file).parent)
+    return None if folder == "." else folder
 
 
 def _torch_version() -> str:

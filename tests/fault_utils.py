@@ -84,8 +84,9 @@ class Training:
     """
 
     def __init__(self, args, workdir, name="train", slow_step=0.0, slow_steps=(), slow_eval=0.0, slow_save="",
-                 slow_save_seconds=2.0, slow_mlflow=0.0, env=None):
+                 slow_save_seconds=2.0, slow_mlflow=0.0, env=None, cwd=None):
         self.args, self.workdir, self.name = [str(a) for a in args], Path(workdir), name
+        self.cwd = Path(cwd) if cwd else self.workdir  # where the command runs; its output files stay in workdir
         self.faults = {"FAULT_SLOW_STEP": slow_step, "FAULT_SLOW_STEPS": ",".join(map(str, slow_steps)),
                        "FAULT_SLOW_EVAL": slow_eval, "FAULT_SLOW_SAVE": slow_save,
                        "FAULT_SLOW_SAVE_SECONDS": slow_save_seconds, "FAULT_SLOW_MLFLOW": slow_mlflow}
@@ -101,7 +102,7 @@ class Training:
         env = self.env or process_env(**(self.faults if faulty else {}))
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.process = subprocess.Popen([PYTHON, str(script), *self.args], cwd=self.workdir, env=env,
+            self.process = subprocess.Popen([PYTHON, str(script), *self.args], cwd=self.cwd, env=env,
                                             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                             start_new_session=True)
         self.started_at = time.monotonic()

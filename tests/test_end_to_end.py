@@ -65,7 +65,7 @@ def test_lr_follows_step_lr_at_epoch_boundaries(digits):
 
 def test_epoch_and_validation_metrics_are_logged_at_every_epoch_end(digits):
     epoch_ends = [digits["iters_per_epoch"] * (e + 1) for e in range(digits["cfg"].TRAIN.MAX_EPOCHS)]
-    assert history(digits, "epoch") == [(step, float(e)) for e, step in enumerate(epoch_ends)]
+    assert history(digits, "epoch") == [(step, float(e + 1)) for e, step in enumerate(epoch_ends)]  # 1-based
     assert [step for step, _ in history(digits, "val_loss")] == epoch_ends
     accuracies = history(digits, "val_acc1")
     assert [step for step, _ in accuracies] == epoch_ends

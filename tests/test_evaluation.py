@@ -66,8 +66,14 @@ def eval_only(trained, weights, *opts: str, name: str = "eval") -> tuple[int, Pa
     return exit_code, output_dir
 
 
-def per_class(run, prefix: str, names) -> list[float]:
-    return [run.data.metrics[f"{prefix}_acc1_{name}"] for name in names]
+def per_class(client, run, split: str, step: int, folder: Path) -> dict[str, tuple[float, int]]:
+    """The per-class table of one evaluation: class name -> (accuracy, number of images)."""
+    import json
+
+    table = f"per_class_accuracy/{split}_step_{step:08d}.json"
+    data = json.loads(download(client, run, table, folder / run.info.run_id).read_text())
+    assert data["columns"] == ["class", "accuracy", "images"]
+    return {name: (accuracy, images) for name, accuracy, images in data["data"]}
 
 
 def download(client, run, artifact: str, folder: Path) -> Path:
@@ -75,18 +81,17 @@ def download(client, run, artifact: str, folder: Path) -> Path:
 
 
 # ---- the training run ----------------------------------------------------------------------------------------
-def test_training_logs_per_class_accuracy_after_its_final_evaluation(trained):
-    run, final_step = trained["run"], trained["val_acc1"][-1][0]
-    accuracies = per_class(run, "val", DIGIT_NAMES)
-    for name in DIGIT_NAMES:
-        steps = [m.step for m in trained["client"].get_metric_history(run.info.run_id, f"val_acc1_{name}")]
-        assert steps == [final_step], name
-
-    # Weighted by the number of validation images of each class they give back the overall accuracy.
+def test_training_logs_a_per_class_accuracy_table_at_every_evaluation(trained, tmp_path):
+    run = trained["run"]
     class_sizes = torch.bincount(build_datasets(trained["cfg"]).val.labels, minlength=10).tolist()
-    overall = sum(acc * size for acc, size in zip(accuracies, class_sizes, strict=True)) / sum(class_sizes)
-    assert overall == pytest.approx(run.data.metrics["val_acc1"], abs=1e-9)
-    assert all(0.0 <= acc <= 1.0 for acc in accuracies)
+    for step, val_acc1 in trained["val_acc1"]:
+        table = per_class(trained["client"], run, "val", step, tmp_path)
+        assert list(table) == DIGIT_NAMES
+        assert [images for _, images in table.values()] == class_sizes
+        # Weighted by the number of validation images of each class they give back the overall accuracy.
+        overall = sum(accuracy * images for accuracy, images in table.values()) / sum(class_sizes)
+        assert overall == pytest.approx(val_acc1, abs=1e-9)
+        assert all(0.0 <= accuracy <= 1.0 for accuracy, _ in table.values())
 
 
 def test_training_logs_the_confusion_matrix_figure(trained, tmp_path):
@@ -118,7 +123,8 @@ def test_eval_only_of_model_final_gives_the_final_validation_accuracy_of_trainin
     assert evaluation.data.tags["mode"] == "eval-only"
     assert evaluation.data.metrics["val_acc1"] == training.data.metrics["val_acc1"]
     assert evaluation.data.metrics["val_loss"] == pytest.approx(training.data.metrics["val_loss"], rel=1e-9)
-    assert per_class(evaluation, "val", DIGIT_NAMES) == per_class(training, "val", DIGIT_NAMES)
+    assert per_class(trained["client"], evaluation, "val", 0, tmp_path) == \
+        per_class(trained["client"], training, "val", trained["val_acc1"][-1][0], tmp_path)
     assert "train_loss" not in evaluation.data.metrics
 
     artifacts = {artifact.path for artifact in trained["client"].list_artifacts(evaluation.info.run_id)}
@@ -237,7 +243,10 @@ def test_cifar10_training_and_eval_only_of_the_test_split_agree(tmp_path):
     training, evaluation = run_of(tmp_path / "train", client), run_of(tmp_path / "eval", client)
     assert evaluation.data.metrics["test_acc1"] == training.data.metrics["test_acc1"]
     assert evaluation.data.metrics["test_loss"] == pytest.approx(training.data.metrics["test_loss"], rel=1e-9)
-    assert per_class(evaluation, "test", CIFAR10_CLASSES) == per_class(training, "test", CIFAR10_CLASSES)
+    final_step = max(m.step for m in client.get_metric_history(training.info.run_id, "test_acc1"))
+    assert list(per_class(client, evaluation, "test", 0, tmp_path)) == CIFAR10_CLASSES
+    assert per_class(client, evaluation, "test", 0, tmp_path) == per_class(client, training, "test", final_step,
+                                                                             tmp_path)
     assert "val_acc1" not in evaluation.data.metrics
     assert 20 * evaluation.data.metrics["test_acc1"] == pytest.approx(round(20 * training.data.metrics["test_acc1"]))
     assert "confusion_matrix_test.png" in {a.path for a in client.list_artifacts(training.info.run_id)}

@@ -131,7 +131,7 @@ def test_every_step_loss_and_lr_reach_the_tracker_with_the_global_iteration_as_s
     losses = tracker.history("train_loss")
     assert [step for step, _ in losses] == list(range(1, 10))  # every step although written every 4
     assert tracker.history("lr") == [(step, pytest.approx(0.1 / step)) for step in range(1, 10)]  # LR the step used
-    assert tracker.history("epoch") == [(3, 0.0), (6, 1.0), (9, 2.0)]
+    assert tracker.history("epoch") == [(3, 1.0), (6, 2.0), (9, 3.0)]  # 1-based, as the console counts
 
 
 def test_evaluation_runs_every_period_epochs_and_after_the_last():

@@ -46,10 +46,21 @@ def test_by_default_it_serves_the_engines_local_store_on_127_0_0_1_port_5000(tmp
     store = f"sqlite:///{repo / LOCAL_STORE.relative_to(REPO_ROOT)}"  # <repo>/mlruns/mlflow.db, as the engine
     artifacts = artifact_root(store)  # where the engine puts a SQLite store's artifacts
     assert log.read_text().splitlines() == [
-        "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", "5000",
+        "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", "5000", "--workers", "1",
         "--default-artifact-root", artifacts, "--artifacts-destination", artifacts,
     ]
     assert "http://127.0.0.1:5000" in result.stderr
+
+
+def test_by_default_it_starts_one_worker_and_no_job_runners_and_options_given_win(tmp_path):
+    log = tmp_path / "mlflow-arguments"
+    fake = recorder(log) + f'; echo "jobs=$MLFLOW_SERVER_ENABLE_JOB_EXECUTION" >> {log}'
+    result = run_ui_script(UI_SCRIPT, tmp_path, fakes={"mlflow": fake}, args=["--workers", "3"])
+    assert result.returncode == 0, result.stderr
+
+    arguments = log.read_text().splitlines()
+    assert arguments[arguments.index("--workers") + 1] == "1"  # the default, before the user's options
+    assert arguments[-3:] == ["--workers", "3", "jobs=false"]  # the user's come last: click keeps the last value
 
 
 def test_it_serves_mlflow_tracking_uri_at_mlflow_port_and_passes_extra_options_on(tmp_path):
@@ -82,7 +93,7 @@ def test_a_non_sqlite_store_is_served_as_it_is(tmp_path):
     result = run_ui_script(UI_SCRIPT, tmp_path, env={"MLFLOW_TRACKING_URI": store}, fakes={"mlflow": recorder(log)})
     assert result.returncode == 0, result.stderr
     assert log.read_text().splitlines() == ["server", "--backend-store-uri", store, "--host", "127.0.0.1",
-                                            "--port", "5000"]
+                                            "--port", "5000", "--workers", "1"]
 
 
 def test_without_mlflow_on_path_it_uses_the_repos_venv(tmp_path):

@@ -87,7 +87,7 @@ def digits(tmp_path_factory):
 def test_the_trained_model_is_logged_once_linked_to_its_run(digits):
     assert len(digits["models"]) == 1
     model = digits["models"][0]
-    assert model.name == "model"
+    assert model.name == "simple_cnn-digits"  # what it is: model type and dataset
     assert model.source_run_id == digits["run"].info.run_id
     assert model.status == LoggedModelStatus.READY
 

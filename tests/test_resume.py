@@ -97,7 +97,8 @@ def crashed_run(tmp_path_factory, reference):
     pause = random.Random(20240605).uniform  # seeded: the same five moments on every test run
     try:
         # 1. Training has just begun: no checkpoint yet, only OUTPUT_DIR/mlflow_run_id knows the MLflow run.
-        run.start()
+        # (steps 1-4 slowed to 0.1 s each, so that the kill lands before the first checkpoint at step 4)
+        run.start(slow_step=0.1, slow_steps=range(1, 5))
         run.wait_for_log("training for 3 epochs (66 iterations), starting at 0")
         run.kill_after(pause(0, 0.05))
         run.notes["files after the first kill"] = run.files()

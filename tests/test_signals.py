@@ -11,6 +11,7 @@ the tests then read what happened.
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fault_utils import (
     ITERS_PER_EPOCH,
+    REPO_ROOT,
     TRAIN_BG,
     Training,
     assert_same_weights,
@@ -34,6 +36,8 @@ from fault_utils import (
     wait_for,
     wait_for_log,
 )
+
+from tools.train_net import python_command
 
 A_VERY_LONG_STEP = 120.0  # seconds: a second Ctrl+C must not wait for it
 
@@ -149,6 +153,11 @@ def stories(tmp_path_factory, reference):
         for future in [pool.submit(plots[name], run) for name, run in runs.items()]:
             future.result()
 
+    # After Ctrl+C the user pastes the command it printed, from the repository root.
+    sigint = runs["SIGINT"]
+    sigint.facts["printed command"] = sigint.first.stderr.strip().splitlines()[-1]
+    sigint.resumed = Training(shlex.split(sigint.facts["printed command"])[2:], sigint.workdir, "sigint-resumed",
+                              cwd=REPO_ROOT)  # Training runs the same interpreter the command names
     resumed = [runs["SIGINT"].resumed, runs["SIGTERM"].resumed]
     try:
         for training in resumed:
@@ -165,7 +174,7 @@ def stories(tmp_path_factory, reference):
 def test_a_signal_finishes_the_step_saves_a_checkpoint_and_exits_130(stories, name):
     run = stories[name]
     assert run.facts["exit code"] == 130
-    stopped = re.search(rf"training interrupted: stopped by {name} at iteration (\d+); continue with --resume",
+    stopped = re.search(rf"training interrupted: stopped by {name} at iteration (\d+); continue it with",
                         run.first.stderr)
     assert stopped, run.first.stderr
     iteration = int(stopped.group(1))
@@ -173,7 +182,7 @@ def test_a_signal_finishes_the_step_saves_a_checkpoint_and_exits_130(stories, na
         assert iteration == ITERS_PER_EPOCH  # the step under way, the last of epoch 1, was finished
     else:
         assert iteration > 12
-    assert f"{name} received: stopping after this step and saving a checkpoint" in run.facts["log"]
+    assert f"{name} received: stopping after this step with a checkpoint" in run.facts["log"]
     assert "Traceback" not in run.first.stderr
     assert run.facts["last checkpoint"] == f"checkpoint_{iteration:08d}.pth"
     assert run.facts["its iteration"] == iteration
@@ -193,6 +202,15 @@ def test_the_interrupted_mlflow_run_is_killed_and_resume_finishes_it(stories, na
         assert metric_history(run.tracking_uri, mlflow_run.info.run_id, key) == reference.history(key), key
 
 
+def test_the_printed_resume_command_continues_the_run_from_the_repository_root(stories):
+    run = stories["SIGINT"]
+    assert run.facts["printed command"].startswith(
+        f"{python_command()} tools/train_net.py --config-file config/digits.yaml ")
+    assert run.facts["printed command"].endswith(f"OUTPUT_DIR {run.output_dir} --resume")
+    assert run.facts["resume exit code"] == 0
+    assert f"resumed from checkpoint_{run.facts['its iteration']:08d}.pth" in run.resumed.stdout
+
+
 def test_a_second_ctrl_c_leaves_at_once_without_a_checkpoint(stories):
     run = stories["twice"]
     print(f"after the second Ctrl+C: {run.facts['seconds to the goodbye line']:.2f} s to the last line, "
@@ -201,8 +219,9 @@ def test_a_second_ctrl_c_leaves_at_once_without_a_checkpoint(stories):
     assert run.facts["exit code"] == 130
     assert run.facts["seconds to the goodbye line"] < 10  # MLflow gets 3 s to take the KILLED status
     assert run.facts["seconds to exit"] < A_VERY_LONG_STEP / 2  # (Python's own exit can take seconds)
-    assert run.first.stderr.strip().splitlines()[-1] == (
-        "interrupted at once; continue from the last checkpoint with --resume")
+    goodbye, command = run.first.stderr.strip().splitlines()[-2:]
+    assert goodbye == "interrupted at once; continue from the last checkpoint with (from the repository root):"
+    assert command.endswith(f"OUTPUT_DIR {run.output_dir} --resume")
     assert "Traceback" not in run.first.stderr
     assert run.facts["checkpoints"] == []
     assert run.facts["mlflow"] == ["KILLED"]

@@ -1,5 +1,10 @@
 #!/bin/sh
-# MLflow UI for the project's runs: sh tools/mlflow_ui.sh [extra `mlflow server` options, e.g. --workers 1]
+# MLflow UI for the project's runs: sh tools/mlflow_ui.sh [extra `mlflow server` options, e.g. --workers 4]
+# (`make ui MLFLOW_ARGS="--workers 4"` passes them through make).
+#
+# Modest by default: one web worker and no background job runners (MLflow's defaults start 4 workers and
+# job-runner processes, ~18 processes and 3 GiB for a single user's UI). Options given here come after the
+# defaults, and the last value of an option wins; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings the jobs back.
 #
 # Serves $MLFLOW_TRACKING_URI, or else the store the engine writes to by default (<repo>/mlruns/mlflow.db,
 # see engine/tracking.py), at http://127.0.0.1:$MLFLOW_PORT (default in docker/env.sh). MLFLOW_HOST changes
@@ -39,6 +44,10 @@ else
     echo "error: mlflow is neither on PATH nor in $REPO/.venv/bin; run \`make ui\`, which installs it" >&2
     exit 127
 fi
+
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+set -- --workers 1 "$@"
 
 echo "MLflow UI for $STORE on http://127.0.0.1:$MLFLOW_PORT" >&2
 exec "$MLFLOW" server --backend-store-uri "$STORE" --host "$HOST" --port "$MLFLOW_PORT" "$@"

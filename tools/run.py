@@ -439,8 +439,8 @@ def stop_on_signals(trainer):
         name = signal.Signals(signum).name
         if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        logger.warning(f"{name} received: stopping after this step and saving a checkpoint "
-                       "(press Ctrl+C again to stop at once)")
+        again = "; Ctrl+C again stops at once" if signum == signal.SIGINT else ""
+        logger.warning(f"{name} received: stopping after this step with a checkpoint{again}")
         trainer.request_stop(name)
 
     if threading_main():

@@ -10,6 +10,7 @@
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -102,7 +103,17 @@ def resume_command(argv: list[str], output_dir) -> str:
         args.append(token)
     if output_dir is not None:
         args += ["OUTPUT_DIR", shlex.quote(_from_repo_root(str(output_dir)))]
-    return " ".join(["python", "tools/train_net.py", *args, "--resume"])
+    return " ".join([shlex.quote(python_command()), "tools/train_net.py", *args, "--resume"])
+
+
+def python_command() -> str:
+    """How to call this interpreter from the repository root: ``.venv/bin/python`` when it is the project's
+    venv (it works whether or not the venv is activated), ``python`` when that is it, else its full path."""
+    executable = Path(sys.executable)
+    if executable.absolute().is_relative_to(REPO_ROOT):
+        return str(executable.absolute().relative_to(REPO_ROOT))
+    on_path = shutil.which("python")
+    return "python" if on_path and Path(on_path).resolve() == executable.resolve() else str(executable)
 
 
 def _from_repo_root(path: str) -> str:
