@@ -196,6 +196,9 @@ class MLflowTracker:
                     if register_as:
                         self._register(info, register_as)
                 finally:
+                    # log_model makes the model the process's "active model", to which MLflow would attach every
+                    # later metric (the last system metrics sample): only the final evaluation belongs to it.
+                    mlflow.clear_active_model()
                     mlflow.set_tracking_uri(previous_uri)
             self.client.update_run(self.run_id, status="RUNNING")  # end() sets the final status
             return info

@@ -95,6 +95,7 @@ def test_the_logged_model_is_named_for_what_it_is_and_carries_the_final_metrics(
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert model.name == "simple_cnn-digits"
     on_model = {metric.key: metric for metric in model.metrics}
+    assert set(on_model) == {"val_loss", "val_acc1"}  # not the system metrics sampled after it was logged
     assert on_model["val_acc1"].value == run.data.metrics["val_acc1"]
     assert on_model["val_loss"].value == run.data.metrics["val_loss"]
     assert on_model["val_acc1"].dataset_name == "digits-val"
