@@ -109,7 +109,6 @@ class MLflowTracker:
         self._params: dict = {}
         self._tags: dict = {}
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
-        self._delivered: dict = {}  # per metric: the newest record this process delivered (an mlflow Metric)
         self._queue = _DeliveryQueue(self._deliver)
 
     # ---- run lifecycle -----------------------------------------------------------------------------------
@@ -168,10 +167,11 @@ class MLflowTracker:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def log_model(self, model, input_example, name: str = "model", register_as: str = "",
+    def log_model(self, model, input_example, name: str = "model", step: int = 0, register_as: str = "",
                   timeout: float = 120.0):
         """``mlflow.pytorch.log_model`` of the plain module as ``name``, in torch.export's "pt2" format (loading
         it back does not unpickle code); with ``register_as``, also a new version of that registered model.
+        MLflow attaches the run's metrics at ``step`` (the final evaluation's, when it is the last step) to it.
 
         Runs at the end of training and returns MLflow's ``ModelInfo`` (``model_id``, ``model_uri``), or None:
         a failure is a warning, model_final.pth stays."""
@@ -191,7 +191,7 @@ class MLflowTracker:
                 try:
                     with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
                         info = mlflow.pytorch.log_model(model, name=name, input_example=input_example.numpy(),
-                                                        serialization_format="pt2",
+                                                        serialization_format="pt2", step=step,
                                                         pip_requirements=[f"torch=={_torch_version()}"])
                     if register_as:
                         self._register(info, register_as)
@@ -224,13 +224,6 @@ class MLflowTracker:
         """Dataset inputs of the run: dicts with ``name``, ``digest``, ``source_type``, ``source`` (JSON text),
         ``profile`` (JSON text) and ``context`` (``training``, ``validation``, ...)."""
         self._queue.put(("inputs", list(datasets)))
-
-    def link_metrics_to_model(self, model_id: str, names: list[str], dataset: dict | None = None) -> None:
-        """Attach the newest delivered value of each metric in ``names`` to the logged model ``model_id``.
-
-        The records keep their step and timestamp, so the run's history gains no duplicate point.
-        """
-        self._queue.put(("model_metrics", model_id, list(names), dataset))
 
     def flush(self, timeout: float = 30.0) -> bool:
         return self._queue.flush(timeout)
@@ -279,7 +272,6 @@ class MLflowTracker:
                 self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
                 for metric in metrics:  # a re-queued copy of a delivered step (after a resume) is skipped too
                     self._logged_steps[metric.key] = max(metric.step, self._logged_steps.get(metric.key, -1))
-                    self._delivered[metric.key] = metric
         elif kind == "artifact":
             _, path, artifact_path = batch[0]
             if Path(path).is_file():
@@ -294,8 +286,6 @@ class MLflowTracker:
             self.client.log_table(self.run_id, data=batch[0][1], artifact_file=batch[0][2])
         elif kind == "inputs":
             self._deliver_inputs(batch[0][1])
-        elif kind == "model_metrics":
-            self._deliver_model_metrics(*batch[0][1:])
 
     def _deliver_inputs(self, datasets: list[dict]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -303,15 +293,6 @@ class MLflowTracker:
         inputs = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], None, d["profile"]),
                                tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
         self.client.log_inputs(self.run_id, datasets=inputs)
-
-    def _deliver_model_metrics(self, model_id: str, names: list[str], dataset: dict | None) -> None:
-        from mlflow.entities import Metric
-
-        link = {"dataset_name": dataset["name"], "dataset_digest": dataset["digest"]} if dataset else {}
-        metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, **link)
-                   for m in (self._delivered.get(name) for name in names) if m is not None]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
 
     def _ensure_run(self) -> None:
         if self.run_id is not None and self._params is None:

@@ -32,11 +32,6 @@ class DatasetInputs(threading.Thread):
                           if getattr(self.splits, name) is not None]
         self.tracker.log_inputs(self.described)
 
-    def of(self, split: str) -> dict | None:
-        """The description of ``split`` (waits for the digests)."""
-        self.join()
-        return next((d for d in self.described if d["context"] == CONTEXTS[split]), None)
-
 
 def describe_split(cfg, splits, name: str) -> dict:
     split = getattr(splits, name)

@@ -109,7 +109,8 @@ def _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, device, nu
     try:
         with stop_on_signals(trainer):
             trainer.train()
-        finish_training(cfg, trainer, data, tracker, checkpointer, device, run.datasets)
+        run.stop_system_metrics()  # before the model is logged: MLflow would attach later samples to it
+        finish_training(cfg, trainer, data, tracker, checkpointer, device)
         run.status = "FINISHED"
     except BaseException as error:
         run.ended_by(error)
@@ -149,9 +150,13 @@ class TrackedRun:
         elif isinstance(error, FloatingPointError):
             logger.error(str(error))
 
-    def end(self) -> None:
+    def stop_system_metrics(self) -> None:
         if self.system_metrics is not None:
             self.system_metrics.stop()
+            self.system_metrics = None
+
+    def end(self) -> None:
+        self.stop_system_metrics()
         if self.tracker is None:
             return
         if self.datasets is not None and not self.quick:
@@ -162,7 +167,7 @@ class TrackedRun:
             logger.warning(f"upload later with: python tools/upload_pending.py {self.cfg.OUTPUT_DIR}")
 
 
-def finish_training(cfg, trainer, data, tracker, checkpointer, device, datasets=None) -> None:
+def finish_training(cfg, trainer, data, tracker, checkpointer, device) -> None:
     """model_final.pth, the final confusion matrix, the test split, the model with its final metrics."""
     model = trainer.unwrapped_model
     final_path = checkpointer.save_model("model_final.pth", model)
@@ -170,7 +175,6 @@ def finish_training(cfg, trainer, data, tracker, checkpointer, device, datasets=
     final = trainer.latest_eval or {}
     if tracker is not None and "val_confusion" in final:
         tracker.log_figure(confusion_matrix_figure(final["val_confusion"], cfg.DATA.CLASSES), "confusion_matrix.png")
-    final_metrics = ["val_loss", "val_acc1"]
     if data.test is not None:
         results = evaluate(model, data.test, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
         logger.info(f"test_loss {results['loss']:.4f}  test_acc1 {results['acc1']:.4f}")
@@ -180,20 +184,16 @@ def finish_training(cfg, trainer, data, tracker, checkpointer, device, datasets=
             make_eval_report(tracker, cfg.DATA.CLASSES, "test")(results, trainer.iter)
             tracker.log_figure(confusion_matrix_figure(results["confusion"], cfg.DATA.CLASSES),
                                "confusion_matrix_test.png")
-            final_metrics += ["test_loss", "test_acc1"]
     if tracker is not None and cfg.MLFLOW.LOG_MODEL:
-        log_model(cfg, tracker, model, data, final_metrics, datasets)
+        log_model(cfg, tracker, model, data, trainer.iter)
 
 
-def log_model(cfg, tracker, model, data, final_metrics: list[str], datasets) -> None:
-    """The model, named after what it is, with the final evaluation's metrics attached to it."""
+def log_model(cfg, tracker, model, data, step: int) -> None:
+    """The model, named after what it is, with the metrics of the final step (the final evaluation's)."""
     example = next(iter(data.val.epoch(0))).images[:2].float().cpu()
     name = f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}"
-    info = tracker.log_model(model, example, name=name, register_as=cfg.MLFLOW.REGISTER_MODEL)
-    if info is None:
-        return
-    logger.info(f"logged the model '{name}' to MLflow (mlflow.pytorch, pt2 format)")
-    tracker.link_metrics_to_model(info.model_id, final_metrics, datasets.of("val") if datasets else None)
+    if tracker.log_model(model, example, name=name, step=step, register_as=cfg.MLFLOW.REGISTER_MODEL):
+        logger.info(f"logged the model '{name}' to MLflow (mlflow.pytorch, pt2 format)")
 
 
 def make_eval_report(tracker, class_names, split: str):
