@@ -59,6 +59,9 @@ def outage(tmp_path_factory, reference):
             facts["down at"] = time.monotonic()
             facts["iteration when the server went down"] = max(clock.seen, default=0)
             server.stop()
+            # Metrics go out in batches (every few seconds): the server stays down until a delivery failed.
+            wait_for(lambda: "MLflow logging failed" in log_text(workdir / "mid-run"), "a failed delivery",
+                     process=mid_run, interval=0.2)
             server.start()  # the same port and store; takes several seconds, as a real restart does
             facts["back at"] = time.monotonic()
             facts["iteration when the server came back"] = max(clock.seen, default=0)
