@@ -26,6 +26,8 @@ from engine.distributed import (
     destroy_process_group,
     init_distributed,
     is_main_process,
+    module_to_evaluate,
+    process_group,
     select_device,
 )
 from engine.evaluation import evaluate, per_class_accuracy
@@ -47,18 +49,22 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def train(cfg, resume: bool = False, extra_tags: dict | None = None) -> Path:
-    """Train from ``cfg`` (continuing from OUTPUT_DIR's newest checkpoint with ``resume``); return OUTPUT_DIR."""
-    init_distributed(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS)
+# Raised by every rank at the same iteration: the ranks leave together (see engine.distributed.process_group).
+AGREED_STOPS = (TrainingInterrupted, FloatingPointError, CheckpointError)
+
+
+def train(cfg, resume: bool = False, extra_tags: dict | None = None, hooks=()) -> Path:
+    """Train from ``cfg`` (continuing from OUTPUT_DIR's newest checkpoint with ``resume``); return OUTPUT_DIR.
+
+    ``hooks``: your HookBase instances, run after the built-in metric writer and before the checkpointer.
+    """
     # torchrun --max-restarts restarts failed workers with the same command line: they continue the run.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    try:
-        return _train(cfg, resume or restarted, extra_tags or {})
-    finally:
-        destroy_process_group()
+    with process_group(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS, leave_together=AGREED_STOPS):
+        return _train(cfg, resume or restarted, extra_tags or {}, hooks)
 
 
-def _train(cfg, resume: bool, extra_tags: dict) -> Path:
+def _train(cfg, resume: bool, extra_tags: dict, hooks=()) -> Path:
     main = is_main_process()
     check_names(cfg)  # mistakes that need no data are reported before anything is written
     device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
@@ -79,7 +85,7 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
 
     tracker = make_tracker(cfg, output_dir) if main else None
     trainer = build_trainer(cfg, model, data, device, tracker, checkpointer,
-                            before_save=tracker.snapshot_pending if tracker else None)
+                            before_save=tracker.snapshot_pending if tracker else None, extra_hooks=hooks)
     config_text = cfg.dump()  # the config is frozen: dumped once, not at every checkpoint (~9 ms)
     trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None,
                                          "config": config_text}
@@ -97,8 +103,8 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
             trainer.train()
         finish_training(cfg, trainer, data, tracker, checkpointer, device)
         status = "FINISHED"
-    except TrainingInterrupted:
-        status = "KILLED"
+    except TrainingInterrupted:  # quick: under torchrun or Slurm, SIGKILL follows 30 s after the signal
+        status, wait_for_mlflow = "KILLED", 10.0
         raise
     except KeyboardInterrupt:  # a second Ctrl+C: leave quickly, what is undelivered goes to the pending file
         status, wait_for_mlflow = "KILLED", 3.0
@@ -162,7 +168,7 @@ def evaluate_only(cfg) -> dict:
         if batches is None:
             raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
         model = build_network(cfg, device, num_gpus)
-        results = evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
+        results = evaluate(module_to_evaluate(model), batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
         split = cfg.EVAL.SPLIT
         logger.info(f"{split}_loss {results['loss']:.4f}  {split}_acc1 {results['acc1']:.4f}  "
                     f"({results['count']} images)")
@@ -237,6 +243,10 @@ def configure_reproducibility(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms for each new input shape, picks the fastest
+        torch.backends.cudnn.deterministic = False
+        torch.use_deterministic_algorithms(False)
 
 
 def find_resume_point(cfg, checkpointer: Checkpointer, output_dir: Path):

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from config.defaults import REPO_ROOT
-from engine.distributed import get_world_size
+from engine.distributed import get_world_size, in_process_group
 
 
 def _git(*args, strip: bool = True) -> str | None:
@@ -39,6 +39,7 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "device": _device_names(device, num_gpus),
         "world_size": str(get_world_size()),
+        "distributed_backend": torch.distributed.get_backend() if in_process_group() else "none",
         "host": platform.node(),
     }
     if commit:

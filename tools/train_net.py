@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, hooks=()) -> int:
+    """The command line; ``hooks`` (HookBase instances) join the training: see README, "Extending it"."""
     args = parse_args(argv)
     try:
         if args.rerun:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         if args.eval_only:
             evaluate_only(cfg)
         else:
-            train(cfg, resume=args.resume, extra_tags=source_tags)
+            train(cfg, resume=args.resume, extra_tags=source_tags, hooks=hooks)
         return 0
     except TrainingInterrupted as stop:
         print(f"training interrupted: {stop}; continue with --resume", file=sys.stderr)
