@@ -317,9 +317,13 @@ def previous_run_id(output_dir: Path, resumed) -> str | None:
     return from_checkpoint or (path.read_text().strip() if path.is_file() else None)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextmanager
 def stop_on_signals(trainer):
-    """SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT interrupts at once."""
+    """SIGINT/SIGTERM/SIGUSR1 (Slurm's warning before a time limit or preemption): finish the step, checkpoint,
+    stop. A second SIGINT interrupts at once."""
     def request_stop(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_requested and signum == signal.SIGINT:
@@ -329,7 +333,7 @@ def stop_on_signals(trainer):
         trainer.request_stop(name)
 
     if threading_main():
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     else:
         previous = {}
     try:
