@@ -1,9 +1,14 @@
 """The code paths that differ on GPUs, checked on the CPU: fake device counts and CUDA random states, an
-enabled GradScaler, a one-rank Gloo group in this process.
+enabled GradScaler, a one-rank Gloo group in this process, and `make gpu-check` refusing to run without CUDA.
 
-What only a GPU can show (NCCL, AMP, channels_last, a bit-identical resume on CUDA) is the job of the GPU
-tests at the end of test_distributed.py.
+What only a GPU can show (NCCL, AMP, channels_last, a bit-identical resume on CUDA) is `make gpu-check`'s job
+(tools/gpu_check.py), and that of the GPU tests at the end of test_distributed.py.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -20,6 +25,7 @@ from engine.trainer import capture_rng_state, restore_rng_state
 from tools.run import configure_reproducibility
 from tools.train_net import main
 
+REPO = Path(__file__).resolve().parent.parent
 FAKE_CUDA_STATES = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 9, dtype=torch.uint8)]
 
 
@@ -148,3 +154,21 @@ def test_logging_the_model_leaves_the_live_model_as_it_was(tmp_path):
     assert list(model.parameters()) == parameters and all(p.device.type == "cpu" for p in parameters)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
     assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id).info.status == "FINISHED"
+
+
+# ---- make gpu-check ----------------------------------------------------------------------------------------
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py")], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device"), done.stderr
+
+
+def test_make_gpu_check_runs_the_check():
+    done = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "tools/gpu_check.py" in done.stdout
