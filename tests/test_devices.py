@@ -26,6 +26,7 @@ from tools.run import configure_reproducibility
 from tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 FAKE_CUDA_STATES = [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 9, dtype=torch.uint8)]
 
 
@@ -137,8 +138,19 @@ def test_deterministic_false_lets_cudnn_pick_the_fastest_algorithms(monkeypatch)
         torch.use_deterministic_algorithms(before[2], warn_only=before[3])
 
 
-def test_logging_the_model_leaves_the_live_model_as_it_was(tmp_path):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).train()
+@needs_cuda
+def test_a_checkpoint_written_on_the_cpu_resumes_on_a_gpu_with_amp_on(small_run_opts, run_dir):
+    with_amp = [*small_run_opts, "TRAIN.AMP", "True"]  # ignored on the CPU: the GradScaler state is empty
+    assert main([*with_amp, "TRAIN.GPUS", "0"]) == 0
+
+    assert main([*with_amp, "TRAIN.GPUS", "1", "TRAIN.MAX_EPOCHS", "2", "--resume"]) == 0
+    log = (run_dir / "output" / "log.txt").read_text()
+    assert "the checkpoint was written without AMP: the GradScaler starts from its initial scale" in log
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_logging_the_model_leaves_the_live_model_as_it_was(tmp_path, device):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).to(device).train()
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     parameters = list(model.parameters())
     with isolated_training(tmp_path):
@@ -151,7 +163,7 @@ def test_logging_the_model_leaves_the_live_model_as_it_was(tmp_path):
 
     assert model_uri is not None
     assert model.training  # still training: log_model evaluates a copy
-    assert list(model.parameters()) == parameters and all(p.device.type == "cpu" for p in parameters)
+    assert list(model.parameters()) == parameters and all(p.device.type == device for p in parameters)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
     assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id).info.status == "FINISHED"
 

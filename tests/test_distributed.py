@@ -351,6 +351,30 @@ def test_data_parallel_on_two_gpus_trains_the_weights_of_one_gpu(tmp_path):
 
 
 @needs_gpus(1)
+def test_one_process_under_torchrun_on_a_gpu_is_a_one_rank_nccl_group_bound_to_its_device(tmp_path):
+    one_rank = start(tmp_path, "nccl", [torchrun("--standalone", "--nproc_per_node", "1", "--log-dir", "workers",
+                                                 "--redirects", "3")], "TRAIN.MAX_EPOCHS", "1")
+    run_to_the_end(one_rank)
+
+    (run,) = one_rank.mlflow_runs()
+    assert (run.data.tags["world_size"], run.data.tags["distributed_backend"]) == ("1", "nccl")
+    printed = "".join(one_rank.worker_stderr())
+    assert "barrier(): using the device" not in printed and "device_id" not in printed, printed
+
+
+@needs_gpus(1)
+def test_more_processes_per_node_than_gpus_is_one_clear_error(tmp_path):
+    processes = torch.cuda.device_count() + 1
+    training = start(tmp_path, "too many", [torchrun("--standalone", "--nproc_per_node", str(processes),
+                                                     "--log-dir", "workers", "--redirects", "3")])
+    for launch in training.launches:
+        launch.wait(time.monotonic() + WAIT)
+
+    assert_every_worker_printed_one_error_line(training, f"torchrun starts {processes} processes per node",
+                                               f"--nproc_per_node {processes - 1}")
+
+
+@needs_gpus(1)
 def test_ddp_with_gpus_0_trains_on_the_cpu_with_gloo_where_cuda_is_visible(tmp_path):
     cpu = start(tmp_path, "cpu", [torchrun("--standalone", "--nproc_per_node", "2")], "TRAIN.GPUS", "0")
     run_to_the_end(cpu)
