@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test ui lint bench
+.PHONY: train test ui lint bench gpu-check
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## lint (Python, shell, Dockerfile), then the whole test suite
 
 bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 7 minutes on 2 CPU cores)
 	$(PY) tools/benchmark.py
+
+gpu-check: $(STAMP)  ## on a GPU machine, once: the CUDA paths (AMP, dp, NCCL, resume, ...), PASS/FAIL per line (~5 min)
+	$(PY) tools/gpu_check.py
 
 ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000} (MLFLOW_ARGS="--workers 4")
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh tools/mlflow_ui.sh $(MLFLOW_ARGS)

@@ -7,6 +7,9 @@ target, so a crash mid-save never leaves a broken file under a real name. The po
 The periodic checkpoints of a training run are written by one background thread: the state is serialized
 on the training thread (the weights change with the next step), the disk work (write, fsync, rename, pointer,
 pruning) overlaps with training. ``Checkpointer.wait()`` blocks until everything is on disk.
+
+Under DDP only rank 0 writes, but every rank makes the same calls in the same order: a failed write is then
+raised on every rank at the same point (``raise_on_every_rank``), and no rank is left waiting for the others.
 """
 
 import io
@@ -18,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from engine.distributed import raise_on_every_rank
 
 logger = logging.getLogger("engine")
 
@@ -82,7 +87,8 @@ class Checkpointer:
 
     ``save(..., wait=False)`` returns once the state is serialized and leaves the writing to a background
     thread (saves land in order); a write that failed is raised by the next ``raise_if_failed()``, ``save`` or
-    ``wait()``. ``load_newest_valid`` waits for earlier saves first.
+    ``wait()``, on every rank. ``load_newest_valid`` waits for earlier saves first. ``enabled=False`` (ranks
+    other than 0) writes nothing.
     """
 
     def __init__(self, output_dir, keep: int = 3, enabled: bool = True):
@@ -93,23 +99,21 @@ class Checkpointer:
     def save(self, iteration: int, state: dict, wait: bool = True, before_write=None) -> Path:
         """Save ``state``; ``before_write()`` (if given) runs just before the file is written, on the same thread."""
         path = self.output_dir / f"checkpoint_{iteration:08d}.pth"
-        if not self.enabled:
-            return path
-        self._submit(self._write_checkpoint, path, serialize(state), before_write, wait=wait)
+        self._submit(self._write_checkpoint, path, state, before_write, wait=wait)
         return path
 
     def save_model(self, name: str, model: torch.nn.Module, wait: bool = True) -> Path:
         """A plain ``state_dict`` (no ``module.`` prefix), loadable with ``torch.load(weights_only=True)``."""
         path = self.output_dir / name
-        if self.enabled:
-            self._submit(write_serialized, path, serialize(model.state_dict()), wait=wait)
+        self._submit(write_serialized, path, model.state_dict() if self.enabled else None, wait=wait)
         return path
 
-    def _submit(self, write, *args, wait: bool) -> None:
+    def _submit(self, write, path: Path, obj, *args, wait: bool) -> None:
         self.raise_if_failed()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._writes.append(self._writer.submit(write, *args))
+        if self.enabled:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            self._writes.append(self._writer.submit(write, path, serialize(obj), *args))
         if wait:
             self.wait()
 
@@ -122,14 +126,25 @@ class Checkpointer:
         logger.info(f"saved checkpoint {path.name}")
 
     def raise_if_failed(self) -> None:
-        """Raise the error of a background write that has failed (cheap: it does not wait)."""
-        while self._writes and self._writes[0].done():
-            self._writes.pop(0).result()
+        """Raise the error of a background write that has failed, on every rank (it does not wait)."""
+        raise_on_every_rank(self._first_failure(finished_only=True), as_type=CheckpointError)
 
-    def wait(self) -> None:
-        """Block until every save is on disk; raise the first that failed."""
-        while self._writes:
-            self._writes.pop(0).result()
+    def wait(self, every_rank: bool = True) -> None:
+        """Block until every save is on disk; raise the first that failed (on every rank with ``every_rank``;
+        only here without, for a rank that is already leaving with an error of its own)."""
+        failure = self._first_failure(finished_only=False)
+        if every_rank:
+            raise_on_every_rank(failure, as_type=CheckpointError)
+        elif failure is not None:
+            raise failure
+
+    def _first_failure(self, finished_only: bool) -> BaseException | None:
+        """Forget the finished writes (all of them, waiting, unless ``finished_only``); the first error among them."""
+        while self._writes and (not finished_only or self._writes[0].done()):
+            error = self._writes.pop(0).exception()
+            if error is not None:
+                return error
+        return None
 
     def checkpoints(self) -> list[Path]:
         """Periodic checkpoints, oldest first."""

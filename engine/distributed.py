@@ -1,7 +1,11 @@
-"""Devices and processes: which device a run uses, rank/world helpers, and model wrapping."""
+"""Devices and processes: which device a run uses, rank/world helpers, process-group set-up, model wrapping,
+and the collectives through which ranks agree (on a stop, an error, the random states of a checkpoint)."""
 
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -11,12 +15,17 @@ from config import ConfigError
 logger = logging.getLogger("engine")
 
 
+def in_process_group() -> bool:
+    """True under torchrun with TRAIN.DISTRIBUTED_BACKEND ddp, also with a single process (a one-rank group)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def get_world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return torch.distributed.get_world_size() if in_process_group() else 1
 
 
 def get_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if in_process_group() else 0
 
 
 def is_main_process() -> bool:
@@ -24,15 +33,22 @@ def is_main_process() -> bool:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True in a process that torchrun started, however many it started (torchrun sets RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def select_device(gpus: int, backend: str) -> tuple[torch.device, int]:
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def select_device(gpus: int, backend: str, available: int | None = None) -> tuple[torch.device, int]:
     """Return the device of this process and the number of GPUs it drives (0 = CPU).
 
     ``gpus``: -1 = all visible (the CPU when there is no CUDA, said once), 0 = CPU, N = the first N GPUs.
+    ``available``: the number of visible GPUs (default: what torch sees). Under ``ddp`` each process drives
+    one GPU, its LOCAL_RANK.
     """
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = visible_gpus() if available is None else available
     if gpus > available:
         raise ConfigError(f"TRAIN.GPUS {gpus} asks for more GPUs than the {available} visible; "
                           f"set TRAIN.GPUS to at most {available} (-1 = all, 0 = CPU)")
@@ -40,43 +56,98 @@ def select_device(gpus: int, backend: str) -> tuple[torch.device, int]:
         if gpus == -1:
             logger.info("no CUDA device found: running on the CPU")
         return torch.device("cpu"), 0
-    count = available if gpus == -1 else gpus
-    if backend == "ddp" or launched_by_torchrun():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), 1
-    return torch.device("cuda", 0), count
+    if backend == "ddp":
+        device = ddp_device(gpus, available)
+        torch.cuda.set_device(device)
+        return device, 1
+    return torch.device("cuda", 0), available if gpus == -1 else gpus
+
+
+def ddp_device(gpus: int, available: int) -> torch.device:
+    """The GPU of this DDP process (LOCAL_RANK), after checking that every process of the node has one.
+
+    Checked on every process alike, so that each prints the same error instead of a CUDA error on a few.
+    """
+    usable = available if gpus == -1 else min(gpus, available)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_node > usable:
+        raise ConfigError(f"torchrun starts {per_node} processes per node but {usable} GPU(s) are usable "
+                          f"(TRAIN.GPUS {gpus}, {available} visible); DDP needs one GPU per process: use "
+                          f"--nproc_per_node {usable}, or TRAIN.GPUS 0 to train on the CPU")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def wrap_model(model: nn.Module, device: torch.device, num_gpus: int, backend: str,
                sync_bn: bool = False) -> nn.Module:
     """DataParallel over ``num_gpus`` GPUs for the ``dp`` backend; DDP when the process group is up."""
-    if torch.distributed.is_initialized():
+    if in_process_group():
+        if sync_bn and device.type != "cuda":
+            raise ConfigError("TRAIN.SYNC_BN True needs GPUs (SyncBatchNorm does not run on the CPU); "
+                              "set TRAIN.SYNC_BN False")
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if sync_bn:
+        logger.info(f"TRAIN.SYNC_BN applies under DDP only (torchrun ... TRAIN.DISTRIBUTED_BACKEND ddp); "
+                    f"ignored with TRAIN.DISTRIBUTED_BACKEND {backend}")
     if backend == "dp" and num_gpus > 1:
         return nn.DataParallel(model, device_ids=list(range(num_gpus)))
     return model
 
 
-def init_distributed(backend_name: str, gpus: int) -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return ``(rank, world_size)``.
+def module_to_evaluate(model: nn.Module) -> nn.Module:
+    """What evaluation runs: the plain module inside DDP (each rank evaluates its own share of the batches,
+    with no collective per forward), but DataParallel as it is (it splits every batch over the GPUs)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
-    NCCL when this process drives a GPU, Gloo on the CPU.
+
+def init_distributed(backend_name: str, gpus: int) -> tuple[int, int]:
+    """Join the process group when torchrun started this process with TRAIN.DISTRIBUTED_BACKEND ddp, also
+    as its only process; return ``(rank, world_size)``. NCCL when this process drives a GPU, Gloo on the CPU.
     """
     if not launched_by_torchrun():
         return 0, 1
+    world_size = int(os.environ["WORLD_SIZE"])
     if backend_name != "ddp":
-        raise ConfigError(f"launched by torchrun with {os.environ['WORLD_SIZE']} processes but "
+        if world_size == 1:
+            return 0, 1  # one process: dp and none work as they do without torchrun
+        raise ConfigError(f"launched by torchrun with {world_size} processes but "
                           f"TRAIN.DISTRIBUTED_BACKEND is '{backend_name}'; add TRAIN.DISTRIBUTED_BACKEND ddp")
-    if not torch.distributed.is_initialized():
-        use_cuda = torch.cuda.is_available() and gpus != 0
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", **_fresh_store_after_restart())
+    if not in_process_group():
+        available = visible_gpus()
+        if gpus != 0 and available > 0:
+            # The group is bound to this process's GPU: its barriers and object collectives use that one.
+            device = ddp_device(gpus, available)
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl", device_id=device, **_fresh_store_after_restart())
+        else:
+            torch.distributed.init_process_group("gloo", **_fresh_store_after_restart())
     return get_rank(), get_world_size()
+
+
+@contextmanager
+def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseException], ...] = ()):
+    """Join the process group (see ``init_distributed``) for the block, and leave it at the end.
+
+    ``leave_together``: errors that every rank raises at the same point (a stop, an agreed failure). On those,
+    the ranks wait for each other before leaving: torchrun stops all workers as soon as one exits with an
+    error, and rank 0 must first finish its way out (the checkpoint on disk, the MLflow run's final status).
+    """
+    init_distributed(backend_name, gpus)
+    try:
+        yield
+    except leave_together:
+        barrier()
+        if in_process_group() and threading.current_thread() is threading.main_thread():
+            # torchrun stops the other workers (SIGTERM) once one has exited with an error: each rank is on
+            # its way out already, and finishes it (its error line, its exit code) rather than die of that.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    finally:
+        destroy_process_group()
 
 
 def _fresh_store_after_restart() -> dict:
@@ -94,27 +165,66 @@ def _fresh_store_after_restart() -> dict:
             "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
 
 
+# ---- collectives: every rank calls them at the same point; outside a process group they cost nothing -------
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes in place (a no-op in a single process)."""
-    if get_world_size() > 1:
+    """Sum ``tensor`` over all processes in place."""
+    if in_process_group():
         torch.distributed.all_reduce(tensor)
     return tensor
 
 
+def earliest_over_ranks(index: torch.Tensor) -> int:
+    """The smallest non-negative value of the one-element ``index`` over all ranks; -1 if no rank has one."""
+    if not in_process_group():
+        return int(index.item())
+    none = torch.iinfo(torch.int64).max
+    earliest = torch.where(index < 0, none, index).to(torch.int64)
+    torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
+    value = int(earliest.item())
+    return -1 if value == none else value
+
+
 def broadcast_object(obj, source: int = 0):
     """Rank ``source``'s ``obj`` on every rank (e.g. the MLflow run id)."""
-    if get_world_size() == 1:
+    if not in_process_group():
         return obj
     holder = [obj]
     torch.distributed.broadcast_object_list(holder, src=source)
     return holder[0]
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` outside a process group)."""
+    if not in_process_group():
+        return [obj]
+    gathered = [None] * get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def raise_on_every_rank(error: BaseException | None, as_type: type[Exception], source: int = 0) -> None:
+    """Raise rank ``source``'s ``error`` (None: nothing) on every rank with the same message: ``source`` raises
+    its own, the others an ``as_type`` of its message.
+
+    For failures that only one rank sees (rank 0 writes the checkpoints): raising there alone would leave the
+    other ranks waiting in their next collective until torchrun's timeout.
+    """
+    message = broadcast_object(None if error is None else str(error), source)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise as_type(message)
+
+
 def barrier() -> None:
-    if get_world_size() > 1:
+    if not in_process_group():
+        return
+    if torch.distributed.get_backend() == "nccl":
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+    else:
         torch.distributed.barrier()
 
 
 def destroy_process_group() -> None:
-    if torch.distributed.is_initialized():
+    if in_process_group():
         torch.distributed.destroy_process_group()

@@ -273,7 +273,8 @@ class PeriodicCheckpointer(HookBase):
         self.best_acc1 = -math.inf
 
     def after_step(self):
-        self.checkpointer.raise_if_failed()
+        if self.trainer.iter % self.trainer.stop_check_period == 0:  # where ranks agree (every step alone)
+            self.checkpointer.raise_if_failed()
         at_epoch_end = self.trainer.iter % self.trainer.iters_per_epoch == 0  # after_epoch saves there
         if self.period and self.trainer.iter % self.period == 0 and not at_epoch_end:
             self._save()
@@ -296,7 +297,7 @@ class PeriodicCheckpointer(HookBase):
             self.checkpointer.wait()
             return
         try:
-            self.checkpointer.wait()  # what was queued before the failure still lands
+            self.checkpointer.wait(every_rank=False)  # what was queued before the failure still lands
         except Exception as error:  # the training's own error is the one raised; this one goes to the log
             logger.error(str(error))
 

@@ -8,6 +8,7 @@ it answers. What is still undelivered at a checkpoint or at the end is written t
 ``OUTPUT_DIR/mlflow_pending.jsonl``; ``tools/upload_pending.py OUTPUT_DIR`` delivers it later.
 """
 
+import copy
 import json
 import logging
 import os
@@ -69,6 +70,15 @@ def make_client(uri: str):
         client = MlflowClient(tracking_uri=uri)
         client.get_experiment_by_name("Default")
     return client
+
+
+def cpu_copy(model):
+    """A copy of ``model`` on the CPU, made without a second copy of its weights on the GPU."""
+    import torch
+
+    memo = {id(p): torch.nn.Parameter(p.detach().to("cpu", copy=True), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b.detach().to("cpu", copy=True) for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 @contextmanager
@@ -181,7 +191,7 @@ class MLflowTracker:
         import mlflow
         import mlflow.pytorch
 
-        model = model.eval().cpu() if next(model.parameters()).device.type != "cpu" else model.eval()
+        model = cpu_copy(model).eval()  # the live model keeps its device and its training mode
         previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
         try:
             # log_model only works through the fluent API, whose tracking URI is process-wide (and exported

@@ -1,5 +1,6 @@
 """The training loop. The trainer owns the loop and one iteration (``run_step``); hooks do the rest."""
 
+import io
 import logging
 import math
 import random
@@ -9,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_reduce_sum, get_world_size
+from engine.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    earliest_over_ranks,
+    get_rank,
+    get_world_size,
+    in_process_group,
+)
 from engine.hooks import HookBase, TrainingInterrupted
 
 logger = logging.getLogger("engine")
@@ -51,8 +59,9 @@ class Trainer:
         self.device = torch.device(device)
         self.max_epochs, self.accum_steps, self.clip_grad_norm = max_epochs, accum_steps, clip_grad_norm
         self.world_size = get_world_size()
-        # How often processes agree on a stop request: every step alone, less often under DDP to save a sync.
-        self.stop_check_period = 1 if self.world_size == 1 else stop_check_period
+        # How often processes agree on a stop request (and hooks on failures only one rank sees, such as a
+        # checkpoint write): every step alone, less often under DDP to save a sync.
+        self.stop_check_period = stop_check_period if in_process_group() else 1
         self._stop_reason: str | None = None
         self.amp = amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
@@ -162,15 +171,19 @@ class Trainer:
         if self.iter % self.stop_check_period and self.iter != self.max_iter:
             return
         requested = self._stop_reason is not None
-        if self.world_size > 1:  # every rank must stop at the same iteration
+        if in_process_group():  # every rank must stop at the same iteration
             flag = torch.tensor([float(requested)], device=self.device)
             requested = bool(all_reduce_sum(flag).item())
         if requested:
             raise TrainingInterrupted(f"stopped by {self._stop_reason or 'another process'} at iteration {self.iter}")
 
     def check_finite(self) -> None:
-        """Raise if any loss so far was NaN or inf, naming the first such iteration (1-based)."""
-        bad = int(self._first_bad_iter.item())
+        """Raise if any loss so far was NaN or inf, naming the first such iteration (1-based).
+
+        Under DDP the ranks agree first (one all-reduce): every rank raises at the same point with the same
+        message, also when only one of them saw the bad loss. Call it on every rank at the same points.
+        """
+        bad = earliest_over_ranks(self._first_bad_iter)
         if bad >= 0:
             epoch = bad // self.iters_per_epoch + 1
             raise FloatingPointError(
@@ -183,6 +196,8 @@ class Trainer:
 
     # ---- state for checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything that decides the next step. Under DDP it gathers every rank's random state (a
+        collective): call it on every rank at the same point."""
         return {
             "iteration": self.iter,
             "epochs_completed": self.epochs_completed,
@@ -190,7 +205,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "hooks": {key: hook.state_dict() for key, hook in self._keyed_hooks() if hook.state_dict()},
-            "rng": capture_rng_state(),
+            "rng": gather_rng_states(),  # one entry per rank
             **self.checkpoint_extras(),
         }
 
@@ -199,12 +214,11 @@ class Trainer:
         self.epochs_completed = state["epochs_completed"]
         self.unwrapped_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        restore_scaler(self.scaler, state["scaler"])
         for key, hook in self._keyed_hooks():
             if key in state["hooks"]:
                 hook.load_state_dict(state["hooks"][key])
-        restore_rng_state(state["rng"])
-
+        restore_rng_state(rng_state_of_this_rank(state["rng"]))
 
     def _keyed_hooks(self) -> list[tuple[str, HookBase]]:
         """Hooks named by class, numbered when a class occurs twice (``MyHook``, ``MyHook#2``)."""
@@ -240,12 +254,57 @@ def capture_rng_state() -> dict:
     }
 
 
+def gather_rng_states() -> list[dict]:
+    """Every rank's ``capture_rng_state()``, in rank order (a collective under DDP).
+
+    Sent as ``torch.save`` bytes and read back with ``weights_only=True``: tensors inside objects do not
+    survive ``all_gather_object`` itself.
+    """
+    state = capture_rng_state()
+    if not in_process_group():
+        return [state]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in all_gather_objects(buffer.getvalue())]
+
+
 def restore_rng_state(state: dict) -> None:
+    """Set the global random streams from ``capture_rng_state``'s result (Python's ``random`` is left alone).
+
+    CUDA states are restored for the GPUs visible now: a checkpoint of more GPUs (``TRAIN.GPUS`` may change
+    on resume) gives its first ones, a checkpoint written on the CPU leaves the GPUs' streams alone.
+    """
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved, visible = state["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if saved and len(saved) != visible:
+        logger.info(f"the checkpoint holds the CUDA random states of {len(saved)} GPU(s), {visible} visible now: "
+                    f"restored {min(len(saved), visible)}")
+
+
+def rng_state_of_this_rank(saved) -> dict:
+    """This rank's entry of a checkpoint's ``rng`` (one per rank; older checkpoints hold one for all ranks).
+
+    With more ranks than entries (resumed on more processes) the extra ranks take rank 0's.
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    rank, world_size = get_rank(), get_world_size()
+    if len(states) != world_size and rank == 0:
+        logger.info(f"the checkpoint holds the random states of {len(states)} process(es), this run has "
+                    f"{world_size}")
+    return states[rank] if rank < len(states) else states[0]
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """Load the GradScaler's state. A checkpoint written without AMP (on the CPU, say) holds an empty one:
+    resumed with AMP on, the scaler then starts from its initial scale."""
+    if not saved and scaler.is_enabled():
+        logger.info("the checkpoint was written without AMP: the GradScaler starts from its initial scale")
+        return
+    scaler.load_state_dict(saved)
 
 
 def _to_lists(value):

@@ -15,6 +15,16 @@ starts with ``fault:``)::
     FAULT_SLOW_SAVE=checkpoint_00000020.pth FAULT_SLOW_SAVE_SECONDS=2   # that save sits in fsync
     FAULT_SLOW_MLFLOW=30                 # each MLflow delivery (a slow server) waits that long first
     python tests/fault_utils.py --config-file config/digits.yaml KEY VALUE ...
+
+and with hooks passed to ``train_net.main(hooks=...)``, the public way a user adds a hook (also under
+torchrun: each worker runs this file)::
+
+    FAULT_NAN_ON_RANK=1 FAULT_NAN_AT_STEP=5   # that rank's weights become NaN just before that step
+    FAULT_RANK_NOISE=FOLDER                   # each step, rank r draws r+1 numbers from torch's global
+                                              # generator (as dropout would) and appends them to
+                                              # FOLDER/noise_rank<r>.txt as "<iteration> <numbers>"
+
+``kill -USR2 PID`` makes a process of this script print where every thread is (SIGUSR1 stops a training).
 """
 
 import os
@@ -365,7 +375,7 @@ def shared_reference_run(tmp_path_factory) -> ReferenceRun:
 def _run_train_net_with_injected_delays() -> None:
     import faulthandler
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where it is stuck
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID` prints where it is stuck
     sys.path.insert(0, str(REPO_ROOT))
     from engine.hooks import EvalHook
     from engine.tracking import MLflowTracker
@@ -418,10 +428,48 @@ def _run_train_net_with_injected_delays() -> None:
             return deliver(tracker, batch)
 
         MLflowTracker._deliver = slow_delivery
-    import runpy
+    from tools.train_net import main
 
     sys.argv = [str(TRAIN_NET), *sys.argv[1:]]
-    runpy.run_path(str(TRAIN_NET), run_name="__main__")
+    sys.exit(main(hooks=_hooks_from_the_environment()))
+
+
+def _hooks_from_the_environment() -> list:
+    import torch
+
+    from engine.distributed import get_rank
+    from engine.hooks import HookBase
+
+    class PoisonWeights(HookBase):
+        """Just before step ``step``, the weights of rank ``rank`` become NaN: its loss there is NaN."""
+
+        def __init__(self, rank: int, step: int):
+            self.rank, self.step = rank, step
+
+        def before_step(self):
+            if get_rank() == self.rank and self.trainer.iter + 1 == self.step:
+                with torch.no_grad():
+                    for parameter in self.trainer.unwrapped_model.parameters():
+                        parameter.fill_(float("nan"))
+
+    class RankNoise(HookBase):
+        """Each step, rank r draws r+1 numbers from torch's global generator and writes them down."""
+
+        def __init__(self, folder: str):
+            self.folder = Path(folder)
+
+        def after_step(self):
+            rank = get_rank()
+            numbers = " ".join(f"{value:.8f}" for value in torch.rand(rank + 1).tolist())
+            with open(self.folder / f"noise_rank{rank}.txt", "a") as file:
+                file.write(f"{self.trainer.iter} {numbers}\n")
+
+    hooks = []
+    if os.environ.get("FAULT_NAN_AT_STEP"):
+        hooks.append(PoisonWeights(int(os.environ.get("FAULT_NAN_ON_RANK", "0")), int(os.environ["FAULT_NAN_AT_STEP"])))
+    if os.environ.get("FAULT_RANK_NOISE"):
+        hooks.append(RankNoise(os.environ["FAULT_RANK_NOISE"]))
+    return hooks
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ started once per module by ``trainings``, all at the same time (each spends most
     torchrun --nnodes 2 --nproc_per_node 1 --node_rank {0,1} \\
              --master_addr 127.0.0.1 --master_port PORT tools/train_net.py ...   two "nodes" on one host
     torchrun --standalone --nproc_per_node 2 --max-restarts 1 ...           rank 0 SIGKILLed mid-training
+    torchrun --standalone --nproc_per_node 1 ...                            a one-rank process group
+    torchrun --standalone --nproc_per_node 2 tests/fault_utils.py ...       rank 1's loss becomes NaN
 
 plus two launches that must stop with a clear error. How every rank shares out the batches is tested
 without processes in test_batches.py.
 
-After the SIGKILL, torchrun restarts both workers and the engine resumes from the newest checkpoint.
+After the SIGKILL, torchrun restarts both workers and the engine resumes from the newest checkpoint. The DDP
+and restarted trainings run through tests/fault_utils.py with its ``RankNoise`` hook: each rank draws from
+torch's global generator every step, as dropout would, so that each rank's random stream can be followed.
 """
 
 import os
@@ -40,10 +44,14 @@ RUN_OPTS = ["TRAIN.DISTRIBUTED_BACKEND", "ddp", "TRAIN.MAX_EPOCHS", "2", "LOG.PR
 WAIT = 300  # seconds for all trainings together; they take 60-120 s on two busy cores
 RESTART_WAIT = 150  # seconds a restarted run may take after the kill (an uninterrupted run takes ~60 s)
 RESTARTED = "restarted by torchrun"
+ONE_RANK = "one rank under torchrun"
+NAN_ON_RANK_1 = "nan on rank 1"
+FAULT_SCRIPT = Path(__file__).resolve().parent / "fault_utils.py"  # train_net.py with hooks chosen by FAULT_* variables
+NOISE = process_env(FAULT_RANK_NOISE=".")  # RankNoise writes noise_rank<r>.txt into the training's folder
 
 
-def torchrun(*flags) -> list:
-    return [TORCHRUN, *flags, TRAIN_NET]
+def torchrun(*flags, script=TRAIN_NET) -> list:
+    return [TORCHRUN, *flags, script]
 
 
 def needs_gpus(count: int):
@@ -88,6 +96,12 @@ class Training:
         steps = sorted(m.step for m in metrics)
         assert len(set(steps)) == len(steps), f"{key} logged twice at a step: {steps}"
         return {m.step: m.value for m in sorted(metrics, key=lambda m: m.step)}
+
+    def noise(self) -> dict[int, dict[int, str]]:
+        """``{rank: {iteration: numbers}}`` drawn by the RankNoise hook; a step run twice keeps its last draw."""
+        return {rank: {int(line.split()[0]): line.split(" ", 1)[1]
+                       for line in (self.workdir / f"noise_rank{rank}.txt").read_text().splitlines()}
+                for rank in (0, 1)}
 
     def worker_stderr(self) -> list[str]:
         """What each worker printed on stderr (launched with ``--log-dir workers --redirects 3``)."""
@@ -134,15 +148,20 @@ def trainings(tmp_path_factory):
 
     try:
         launch("one process", [[sys.executable, TRAIN_NET]])
-        launch("ddp", [torchrun(*two_processes)])
+        launch("ddp", [torchrun(*two_processes, script=FAULT_SCRIPT)], env=NOISE)
         launch("two nodes", [torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                                       "--master_addr", "127.0.0.1", "--master_port", str(port))
                              for node in (0, 1)])
-        restart = [torchrun(*two_processes, "--max-restarts", "1")]
-        launch(RESTARTED, restart, "CHECKPOINT.PERIOD", "5")
-        with_worker_logs = torchrun(*two_processes, "--log-dir", "workers", "--redirects", "3")
+        restart = [torchrun(*two_processes, "--max-restarts", "1", script=FAULT_SCRIPT)]
+        launch(RESTARTED, restart, "CHECKPOINT.PERIOD", "5", env=NOISE)
+        worker_logs = ("--log-dir", "workers", "--redirects", "3")
+        with_worker_logs = torchrun(*two_processes, *worker_logs)
         launch("dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp")
         launch("odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63")
+        launch(ONE_RANK, [torchrun("--standalone", "--nproc_per_node", "1")], "TRAIN.MAX_EPOCHS", "1")
+        # Metrics are checked every 5 steps: the check after step 5 is where rank 1 alone has a NaN loss.
+        launch(NAN_ON_RANK_1, [torchrun(*two_processes, *worker_logs, script=FAULT_SCRIPT)], "LOG.PERIOD", "5",
+               env=process_env(FAULT_NAN_ON_RANK=1, FAULT_NAN_AT_STEP=5))
 
         deadline = time.monotonic() + WAIT
         kill_rank0_after_the_first_checkpoint([runs[RESTARTED]], WAIT)
@@ -168,11 +187,12 @@ def max_abs_difference(weights: dict[str, torch.Tensor], reference: dict[str, to
     return max((weights[k].double() - reference[k].double()).abs().max().item() for k in reference)
 
 
-def assert_one_finished_run_with_every_step_once(training: Training, world_size: int) -> None:
+def assert_one_finished_run_with_every_step_once(training: Training, world_size: int, backend: str) -> None:
     runs = training.mlflow_runs()
     assert len(runs) == 1, [r.info.run_id for r in runs]
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["world_size"] == str(world_size)
+    assert runs[0].data.tags["distributed_backend"] == backend
     for key in ("train_loss", "lr"):
         assert list(training.history(key)) == list(range(1, MAX_ITER + 1)), key
     for key in ("val_loss", "val_acc1", "epoch"):
@@ -187,8 +207,8 @@ def test_two_ddp_processes_train_the_weights_of_one_process(trainings):
 
 
 def test_a_ddp_training_is_one_mlflow_run_with_every_step_logged_once(trainings):
-    assert_one_finished_run_with_every_step_once(finished(trainings, "ddp"), world_size=2)
-    assert_one_finished_run_with_every_step_once(finished(trainings, "one process"), world_size=1)
+    assert_one_finished_run_with_every_step_once(finished(trainings, "ddp"), world_size=2, backend="gloo")
+    assert_one_finished_run_with_every_step_once(finished(trainings, "one process"), world_size=1, backend="none")
 
 
 def test_the_logged_train_loss_is_the_mean_over_the_global_batch(trainings):
@@ -214,7 +234,7 @@ def test_two_nodes_on_one_host_train_the_weights_of_one_process(trainings):
     one, nodes = finished(trainings, "one process"), finished(trainings, "two nodes")
 
     assert max_abs_difference(nodes.weights(), one.weights()) <= 1e-4
-    assert_one_finished_run_with_every_step_once(nodes, world_size=2)
+    assert_one_finished_run_with_every_step_once(nodes, world_size=2, backend="gloo")
 
 
 # ---- a worker killed mid-training ------------------------------------------------------------------------
@@ -225,8 +245,46 @@ def test_a_worker_killed_mid_training_is_restarted_and_ends_as_if_never_killed(t
     assert restarted.returncodes == [0], restarted.report()
 
     assert max_abs_difference(restarted.weights(), uninterrupted.weights()) <= 1e-4
-    assert_one_finished_run_with_every_step_once(restarted, world_size=2)
+    assert_one_finished_run_with_every_step_once(restarted, world_size=2, backend="gloo")
     assert restarted.history("train_loss") == pytest.approx(uninterrupted.history("train_loss"), abs=1e-6)
+
+
+def test_after_a_restart_each_rank_continues_its_own_random_stream(trainings):
+    uninterrupted, restarted = finished(trainings, "ddp"), finished(trainings, RESTARTED)
+    expected, drawn = uninterrupted.noise(), restarted.noise()
+    assert list(drawn[1]) == list(range(1, MAX_ITER + 1))
+    assert drawn[1][1] != drawn[0][1]  # two streams: rank 1 draws two numbers a step, rank 0 one
+
+    assert drawn[0] == expected[0]
+    assert drawn[1] == expected[1]  # not rank 0's stream, restored on rank 1
+
+
+# ---- one process under torchrun ----------------------------------------------------------------------------
+def test_one_process_under_torchrun_with_ddp_is_a_one_rank_process_group(trainings):
+    one_rank, one = finished(trainings, ONE_RANK), finished(trainings, "one process")
+    (run,) = one_rank.mlflow_runs()
+
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "1"
+    assert run.data.tags["distributed_backend"] == "gloo"
+    steps = range(1, ITERS_PER_EPOCH + 1)
+    assert [one_rank.history("train_loss")[step] for step in steps] == pytest.approx(
+        [one.history("train_loss")[step] for step in steps], abs=1e-6)
+
+
+# ---- an error that one rank sees -----------------------------------------------------------------------------
+def test_a_nan_loss_on_rank_1_alone_stops_every_rank_at_once_with_the_same_error(trainings):
+    training = trainings[NAN_ON_RANK_1]
+    assert None not in training.returncodes, "still running at the deadline:\n" + training.report()
+    assert re.search(r"exitcode\s*:\s*2\b", training.report()), training.report()  # the user-error exit code
+    printed = training.worker_stderr()
+
+    assert len(printed) == 2 and not any("Traceback" in text for text in printed), printed
+    last_lines = {text.strip().splitlines()[-1] for text in printed}
+    assert len(last_lines) == 1, last_lines  # the same line on both ranks
+    assert last_lines.pop().startswith("error: the training loss became NaN or inf at iteration 5 (epoch 1); ")
+    (run,) = training.mlflow_runs()
+    assert run.info.status == "FAILED"
 
 
 # ---- mistakes under torchrun -----------------------------------------------------------------------------
@@ -277,7 +335,7 @@ def test_nccl_ddp_on_two_gpus_trains_the_weights_of_one_gpu(tmp_path):
     run_to_the_end(one_gpu, nccl)
 
     assert max_abs_difference(nccl.weights(), one_gpu.weights()) <= GPU_TOLERANCE
-    assert_one_finished_run_with_every_step_once(nccl, world_size=2)
+    assert_one_finished_run_with_every_step_once(nccl, world_size=2, backend="nccl")
 
 
 @needs_gpus(2)
@@ -289,7 +347,31 @@ def test_data_parallel_on_two_gpus_trains_the_weights_of_one_gpu(tmp_path):
     run_to_the_end(one_gpu, two_gpus)
 
     assert max_abs_difference(two_gpus.weights(), one_gpu.weights()) <= GPU_TOLERANCE
-    assert_one_finished_run_with_every_step_once(two_gpus, world_size=1)
+    assert_one_finished_run_with_every_step_once(two_gpus, world_size=1, backend="none")
+
+
+@needs_gpus(1)
+def test_one_process_under_torchrun_on_a_gpu_is_a_one_rank_nccl_group_bound_to_its_device(tmp_path):
+    one_rank = start(tmp_path, "nccl", [torchrun("--standalone", "--nproc_per_node", "1", "--log-dir", "workers",
+                                                 "--redirects", "3")], "TRAIN.MAX_EPOCHS", "1")
+    run_to_the_end(one_rank)
+
+    (run,) = one_rank.mlflow_runs()
+    assert (run.data.tags["world_size"], run.data.tags["distributed_backend"]) == ("1", "nccl")
+    printed = "".join(one_rank.worker_stderr())
+    assert "barrier(): using the device" not in printed and "device_id" not in printed, printed
+
+
+@needs_gpus(1)
+def test_more_processes_per_node_than_gpus_is_one_clear_error(tmp_path):
+    processes = torch.cuda.device_count() + 1
+    training = start(tmp_path, "too many", [torchrun("--standalone", "--nproc_per_node", str(processes),
+                                                     "--log-dir", "workers", "--redirects", "3")])
+    for launch in training.launches:
+        launch.wait(time.monotonic() + WAIT)
+
+    assert_every_worker_printed_one_error_line(training, f"torchrun starts {processes} processes per node",
+                                               f"--nproc_per_node {processes - 1}")
 
 
 @needs_gpus(1)
@@ -299,4 +381,4 @@ def test_ddp_with_gpus_0_trains_on_the_cpu_with_gloo_where_cuda_is_visible(tmp_p
 
     (run,) = cpu.mlflow_runs()
     assert run.data.tags["device"].startswith("cpu")
-    assert_one_finished_run_with_every_step_once(cpu, world_size=2)
+    assert_one_finished_run_with_every_step_once(cpu, world_size=2, backend="gloo")

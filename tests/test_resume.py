@@ -225,7 +225,8 @@ def test_a_checkpoint_holds_the_whole_training_state_and_loads_weights_only(refe
     assert {"model", "optimizer", "scaler", "rng", "hooks", "mlflow_run_id", "config"} <= checkpoint.keys()
     assert checkpoint["optimizer"]["state"]  # SGD momentum buffers
     assert checkpoint["hooks"]["LRScheduler"]["last_epoch"] == MAX_ITER  # the per-iteration schedule
-    assert {"python", "numpy", "torch"} <= checkpoint["rng"].keys()
+    (rng,) = checkpoint["rng"]  # one entry per process
+    assert {"python", "numpy", "torch", "cuda"} <= rng.keys()
     assert checkpoint["mlflow_run_id"] == reference.run_id
     assert "MAX_EPOCHS: 3" in checkpoint["config"]
     final = load_weights(output_dir / "model_final.pth")

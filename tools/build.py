@@ -14,7 +14,7 @@ from datasets.batches import build_batches
 from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
-from engine.distributed import barrier, get_rank, get_world_size, wrap_model
+from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, wrap_model
 from engine.evaluation import evaluate
 from engine.trainer import Trainer
 from networks import build_model
@@ -116,7 +116,7 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
     scheduler = build_lr_scheduler(cfg, optimizer, iters_per_epoch)
     num_classes = len(cfg.DATA.CLASSES)
-    eval_model = model if isinstance(model, torch.nn.DataParallel) else getattr(model, "module", model)
+    eval_model = module_to_evaluate(model)
     writer = engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD)
     hooks = [
         engine_hooks.LRScheduler(scheduler),

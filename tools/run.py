@@ -26,6 +26,8 @@ from engine.distributed import (
     destroy_process_group,
     init_distributed,
     is_main_process,
+    module_to_evaluate,
+    process_group,
     select_device,
 )
 from engine.evaluation import evaluate, per_class_accuracy
@@ -50,21 +52,25 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def train(cfg, resume: bool = False, extra_tags: dict | None = None) -> Path:
-    """Train from ``cfg`` (continuing from OUTPUT_DIR's newest checkpoint with ``resume``); return OUTPUT_DIR."""
+# Raised by every rank at the same iteration: the ranks leave together (see engine.distributed.process_group).
+AGREED_STOPS = (TrainingInterrupted, FloatingPointError, CheckpointError)
+
+
+def train(cfg, resume: bool = False, extra_tags: dict | None = None, hooks=()) -> Path:
+    """Train from ``cfg`` (continuing from OUTPUT_DIR's newest checkpoint with ``resume``); return OUTPUT_DIR.
+
+    ``hooks``: your HookBase instances, run after the built-in metric writer and before the checkpointer.
+    """
     if resume and not cfg.OUTPUT_DIR:
         raise ConfigError(f"--resume needs the OUTPUT_DIR of the run to continue (an empty OUTPUT_DIR makes a new "
                           f"folder); add OUTPUT_DIR {_newest_run_folder() or '<folder of the run>'}")
-    init_distributed(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS)
     # torchrun --max-restarts restarts failed workers with the same command line: they continue the run.
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    try:
-        return _train(cfg, resume or restarted, extra_tags or {})
-    finally:
-        destroy_process_group()
+    with process_group(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS, leave_together=AGREED_STOPS):
+        return _train(cfg, resume or restarted, extra_tags or {}, hooks)
 
 
-def _train(cfg, resume: bool, extra_tags: dict) -> Path:
+def _train(cfg, resume: bool, extra_tags: dict, hooks=()) -> Path:
     check_names(cfg)  # mistakes that need no data are reported before anything is written
     device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
     folder = RunFolder(cfg)
@@ -75,7 +81,7 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
                           "--resume, or choose another OUTPUT_DIR (nothing was changed)")
     trainer = None
     try:
-        trainer = _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, device, num_gpus)
+        trainer = _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, hooks, device, num_gpus)
         return folder.path
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
         stop.output_dir = folder.path  # for the resume command train_net.py prints
@@ -85,7 +91,7 @@ def _train(cfg, resume: bool, extra_tags: dict) -> Path:
         raise
 
 
-def _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, device, num_gpus):
+def _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, hooks, device, num_gpus):
     output_dir, main = folder.path, is_main_process()
     folder.start_log()
     resumed = find_resume_point(cfg, checkpointer, output_dir) if resume else None
@@ -97,7 +103,7 @@ def _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, device, nu
     model = build_network(cfg, device, num_gpus)
     tracker = make_tracker(cfg, output_dir) if main else None
     trainer = build_trainer(cfg, model, data, device, tracker, checkpointer,
-                            before_save=tracker.snapshot_pending if tracker else None,
+                            before_save=tracker.snapshot_pending if tracker else None, extra_hooks=hooks,
                             eval_report=make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker else None)
     config_text = cfg.dump()  # the config is frozen: dumped once, not at every checkpoint (~9 ms)
     trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None,
@@ -143,8 +149,8 @@ class TrackedRun:
                                                 node_id=node_id(), resume=self.resume)
 
     def ended_by(self, error: BaseException) -> None:
-        if isinstance(error, TrainingInterrupted):
-            self.status = "KILLED"
+        if isinstance(error, TrainingInterrupted):  # quick: under torchrun or Slurm, SIGKILL follows 30 s later
+            self.status, self.wait_for_mlflow = "KILLED", 10.0
         elif isinstance(error, KeyboardInterrupt):  # a second Ctrl+C: leave quickly, the rest goes to the file
             self.status, self.wait_for_mlflow, self.quick = "KILLED", 3.0, True
         elif isinstance(error, FloatingPointError):
@@ -236,7 +242,7 @@ def _evaluate_and_log(cfg, output_dir: Path, device, num_gpus) -> dict:
     if batches is None:
         raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
     model = build_network(cfg, device, num_gpus)
-    results = evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
+    results = evaluate(module_to_evaluate(model), batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
     split = cfg.EVAL.SPLIT
     logger.info(f"{split}_loss {results['loss']:.4f}  {split}_acc1 {results['acc1']:.4f}  "
                 f"({results['count']} images)")
@@ -357,6 +363,10 @@ def configure_reproducibility(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms for each new input shape, picks the fastest
+        torch.backends.cudnn.deterministic = False
+        torch.use_deterministic_algorithms(False)
 
 
 def find_resume_point(cfg, checkpointer: Checkpointer, output_dir: Path):
@@ -432,9 +442,13 @@ def previous_run_id(output_dir: Path, resumed) -> str | None:
     return from_checkpoint or (path.read_text().strip() if path.is_file() else None)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextmanager
 def stop_on_signals(trainer):
-    """SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT interrupts at once."""
+    """SIGINT/SIGTERM/SIGUSR1 (Slurm's warning before a time limit or preemption): finish the step, checkpoint,
+    stop. A second SIGINT interrupts at once."""
     def request_stop(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_requested and signum == signal.SIGINT:
@@ -444,7 +458,7 @@ def stop_on_signals(trainer):
         trainer.request_stop(name)
 
     if threading_main():
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
     else:
         previous = {}
     try:

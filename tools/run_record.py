@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from config.defaults import REPO_ROOT
-from engine.distributed import get_world_size
+from engine.distributed import get_world_size, in_process_group
 
 MAX_UNTRACKED_BYTES = 1 << 20  # a larger untracked file is named in the patch, not copied into it
 BINARY_PROBE_BYTES = 8192  # git's own test: a NUL byte in the first 8 KB makes a file binary
@@ -50,6 +50,7 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
         "cuda_version": str(torch.version.cuda),
         "device": _device_names(device, num_gpus),
         "world_size": str(get_world_size()),
+        "distributed_backend": torch.distributed.get_backend() if in_process_group() else "none",
         "host": platform.node(),
     }
     if commit:

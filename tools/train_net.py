@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, hooks=()) -> int:
+    """The command line; ``hooks`` (HookBase instances) join the training: see README, "Extending it"."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         if args.eval_only:
             evaluate_only(cfg)
         else:
-            train(cfg, resume=args.resume, extra_tags=source_tags)
+            train(cfg, resume=args.resume, extra_tags=source_tags, hooks=hooks)
         return 0
     except TrainingInterrupted as stop:
         print(f"training interrupted: {stop}; continue it with (from the repository root):", file=sys.stderr)
