@@ -4,27 +4,24 @@ Adding a dataset is one new file with a ``build_<name>(cfg)`` function plus one 
 This package shares its name with the Hugging Face ``datasets`` library; see ``tests/test_datasets_name.py``.
 """
 
+from config.registry import Registry
 from datasets.base import DatasetError, DatasetSplits, TensorSplit
 from datasets.cifar10 import build_cifar10
 from datasets.digits import build_digits
 from datasets.image_folder import build_image_folder
 from datasets.synthetic import build_synthetic
 
-DATASET_REGISTRY = {
+DATASET_REGISTRY = Registry("DATA.DATASET_TYPE", {
     "cifar10": build_cifar10,
     "digits": build_digits,
     "image_folder": build_image_folder,
     "synthetic": build_synthetic,
-}
-ALIASES = {"cifer10": "cifar10"}  # the Lightning template's spelling
+}, aliases={"cifer10": "cifar10"})  # the Lightning template's spelling
 
 
 def build_datasets(cfg) -> DatasetSplits:
-    name = ALIASES.get(cfg.DATA.DATASET_TYPE, cfg.DATA.DATASET_TYPE)
-    if name not in DATASET_REGISTRY:
-        raise DatasetError(f"unknown DATA.DATASET_TYPE '{cfg.DATA.DATASET_TYPE}'; "
-                           f"choose one of {', '.join(sorted(DATASET_REGISTRY))}")
-    splits = DATASET_REGISTRY[name](cfg)
+    name = DATASET_REGISTRY.aliases.get(cfg.DATA.DATASET_TYPE, cfg.DATA.DATASET_TYPE)
+    splits = DATASET_REGISTRY.lookup(name)(cfg)
     if splits.num_classes != len(cfg.DATA.CLASSES):
         raise DatasetError(f"the {name} dataset has {splits.num_classes} classes but DATA.CLASSES names "
                            f"{len(cfg.DATA.CLASSES)}; list {splits.num_classes} class names in DATA.CLASSES")

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from config import ConfigError
+from config.registry import Registry
 
 PAD = 4  # random_crop padding, as in the usual CIFAR recipe
 
@@ -197,19 +197,15 @@ def _fuse_remaps(steps) -> list:
     return fused
 
 
-TRANSFORM_REGISTRY = {
+TRANSFORM_REGISTRY = Registry("DATA.TRANSFORM_LIST", {
     "to_tensor": lambda mean, std, seed: ToTensor(),
     "normalize": lambda mean, std, seed: Normalize(mean, std),
     "random_crop": lambda mean, std, seed: RandomCrop(seed),
     "random_horizontal_flip": lambda mean, std, seed: RandomHorizontalFlip(seed),
-}
+})
 
 
 def build_transform(names, mean, std, seed: int, train: bool) -> BatchTransform:
     """Build the batch transform named by ``DATA.TRANSFORM_LIST``; evaluation keeps only deterministic steps."""
-    unknown = [name for name in names if name not in TRANSFORM_REGISTRY]
-    if unknown:
-        raise ConfigError(f"unknown transform {unknown[0]!r} in DATA.TRANSFORM_LIST; "
-                         f"choose from {', '.join(TRANSFORM_REGISTRY)}")
-    steps = [TRANSFORM_REGISTRY[name](mean, std, seed) for name in names]
+    steps = [TRANSFORM_REGISTRY.lookup(name)(mean, std, seed) for name in names]
     return BatchTransform(step for step in steps if train or not step.random)

@@ -1,19 +1,29 @@
 """Hooks: small objects that do one job each at fixed points of the training loop.
 
-The trainer calls every registered hook, in registration order, like this::
+The trainer calls the registered hooks, in registration order, like this (the one place this order is
+written down; ``engine/trainer.py`` follows it)::
 
     hook.before_train()
-    for epoch in epochs:
+    for epoch in epochs:                   # from the epoch a resume starts in
         hook.before_epoch()
         for iteration in epoch:
             hook.before_step(); trainer.run_step(); hook.after_step()
+            trainer checks for a stop request (Ctrl+C, SIGTERM) -> TrainingInterrupted
         hook.after_epoch()
-    hook.after_train()          # always, also when training raised
+    hook.after_train()                     # always, also when training raised (trainer.exception)
 
-Subclass ``HookBase`` and override the methods you need; ``self.trainer`` is the running trainer
-(``trainer.iter`` counts finished iterations, ``trainer.epoch`` is the current epoch, ``trainer.storage``
-collects metrics, ``trainer.exception`` is what ended training, if anything). A hook that keeps state
-across a resume implements ``state_dict``/``load_state_dict``.
+    hook.write_metrics(records)            # whenever someone calls trainer.flush_metrics(): the metric writer
+                                           # every LOG.PERIOD steps and at epoch ends, the checkpointer before
+                                           # each save; it raises first if a loss was NaN or inf
+
+Subclass ``HookBase`` and override the methods you need (only those are called). ``self.trainer`` is the
+running trainer: ``iter`` counts finished iterations, ``epoch`` is the current epoch (0-based), ``storage``
+collects metrics (``storage.put(name, value, step)``), ``latest_eval`` is the newest evaluation,
+``exception`` is what ended training, if anything. A hook that keeps state across a resume implements
+``state_dict``/``load_state_dict``: it is saved in every checkpoint.
+
+The built-in hooks, in the order ``tools/build.py`` registers them: LRScheduler, EpochTimer, EvalHook,
+MetricWriter, your hooks, BestCheckpointer, PeriodicCheckpointer, ProgressBar.
 """
 
 import datetime
@@ -28,9 +38,12 @@ from engine.logger import attach_progress_bar
 
 logger = logging.getLogger("engine")
 
+HOOK_METHODS = ("before_train", "before_epoch", "before_step", "after_step", "after_epoch", "after_train",
+                "write_metrics")
+
 
 class TrainingInterrupted(Exception):
-    """Raised by the loop after a stop was requested (SIGINT/SIGTERM); hooks save a checkpoint on it."""
+    """Raised by the loop after a stop was requested (SIGINT/SIGTERM/SIGUSR1); hooks save a checkpoint on it."""
 
 
 class HookBase:
@@ -47,6 +60,9 @@ class HookBase:
     def after_epoch(self): ...
 
     def after_train(self): ...
+
+    def write_metrics(self, records: list[tuple[str, float, int]]):
+        """``(name, value, step)`` records just read from ``trainer.storage``."""
 
     def state_dict(self) -> dict:
         return {}
@@ -79,7 +95,7 @@ class LRScheduler(HookBase):
         self.scheduler.load_state_dict(state)
 
 
-class IterationTimer(HookBase):
+class EpochTimer(HookBase):
     """Epoch wall time and training throughput (measured per epoch: no per-step device sync)."""
 
     def __init__(self, samples_per_epoch: int):
@@ -128,12 +144,13 @@ class EvalHook(HookBase):
 
 
 class MetricWriter(HookBase):
-    """Reads the stored metrics (one device sync), checks the loss is finite and hands the values to the
-    tracker, which sends them in the background; prints the console lines.
+    """Every ``period`` iterations and at each epoch end: reads the stored metrics (``trainer.flush_metrics``),
+    hands them to the tracker, which sends them in the background, and prints the console lines.
 
     Console: one line every ``period`` iterations (and at the last) with the training values,
     ``epoch 3/15  iter 60/330  train_loss 0.2164  lr 0.02  ETA 0:01:52``, and one line per epoch with the
     evaluation. The ETA is for the whole run, from this process's pace so far (evaluations included).
+    Its state in a checkpoint is the MLflow run it logs to, which a resume re-attaches.
     """
 
     TRAINING_VALUES = ("train_loss", "lr")
@@ -142,6 +159,7 @@ class MetricWriter(HookBase):
     def __init__(self, tracker, period: int):
         self.tracker, self.period = tracker, period
         self.latest: dict[str, float] = {}
+        self._fresh: set[str] = set()
         self._start_time, self._start_iter = 0.0, 0
 
     def before_train(self):
@@ -149,28 +167,31 @@ class MetricWriter(HookBase):
 
     def after_step(self):
         if is_period_end(self.trainer.iter, self.period, self.trainer.max_iter):
-            self.write()
+            self.trainer.flush_metrics()
             logger.info(self._line(f"iter {self.trainer.iter}/{self.trainer.max_iter}", self.TRAINING_VALUES))
+            self._fresh.clear()
 
     def after_epoch(self):
         self.trainer.storage.put("epoch", self.trainer.epoch + 1, self.trainer.iter)  # 1-based, as printed
-        fresh = self.write()
-        if any(name in fresh for name in self.EPOCH_VALUES):
-            logger.info(self._line("", self.EPOCH_VALUES, only=fresh))
+        self.trainer.flush_metrics()
+        if any(name in self._fresh for name in self.EPOCH_VALUES):
+            logger.info(self._line("", self.EPOCH_VALUES, only=self._fresh))
+        self._fresh.clear()
 
     def after_train(self):
         if self.trainer.exception is None or isinstance(self.trainer.exception, TrainingInterrupted):
-            self.write()
+            self.trainer.flush_metrics()
 
-    def write(self) -> set[str]:
-        """Deliver what is stored; returns the names written."""
-        self.trainer.check_finite()
-        records = self.trainer.storage.drain()
+    def write_metrics(self, records):
         for name, value, _ in records:
             self.latest[name] = value
-        if records and self.tracker is not None:
+            self._fresh.add(name)
+        if self.tracker is not None:
             self.tracker.log_metrics(records)
-        return {name for name, _, _ in records}
+
+    def state_dict(self):
+        run_id = self.tracker.run_id if self.tracker is not None else None
+        return {"mlflow_run_id": run_id} if run_id else {}
 
     def _line(self, position: str, names, only=None) -> str:
         trainer = self.trainer
@@ -254,23 +275,46 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+class BestCheckpointer(HookBase):
+    """``model_best.pth``: the weights of the epoch with the best ``val_acc1`` so far (of a fresh evaluation:
+    an epoch without one never counts). Registered before ``PeriodicCheckpointer``, so that a checkpoint of
+    the same epoch knows the best accuracy so far."""
+
+    def __init__(self, checkpointer, metric: str = "val_acc1", filename: str = "model_best.pth"):
+        self.checkpointer, self.metric, self.filename = checkpointer, metric, filename
+        self.best = -math.inf
+
+    def after_epoch(self):
+        latest = self.trainer.latest_eval or {}
+        value = latest.get(self.metric)
+        fresh = latest.get("iteration") == self.trainer.iter  # evaluated this very model, not an older one
+        if fresh and value is not None and value > self.best:
+            self.trainer.flush_metrics()  # raises if the loss diverged: a diverged model is never "best"
+            self.best = value
+            self.checkpointer.save_model(self.filename, self.trainer.unwrapped_model, wait=False)
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state):
+        self.best = state.get("best", state.get("best_acc1", -math.inf))
+
+
 class PeriodicCheckpointer(HookBase):
-    """Saves a checkpoint every ``period`` iterations, at every epoch end and when training is interrupted,
-    and ``model_best.pth`` by ``val_acc1``.
+    """Saves a checkpoint every ``period`` iterations, at every epoch end and when training is interrupted.
 
     The state is serialized at once; the files are written by the checkpointer's background thread while
     training goes on, and ``after_train`` waits until they are on disk. A failed write stops training at the
-    next step.
+    next step where the processes agree.
 
-    Before each save the metrics are written and checked finite, and ``before_save()`` runs on the training
-    thread. It may return a function, which the writer thread runs just before the checkpoint file is written:
-    the tracker's ``snapshot_pending`` returns one that persists the metrics not yet delivered to MLflow, so
+    Before each save the stored metrics are flushed (``trainer.flush_metrics``: they reach the tracker, and a
+    NaN loss is never checkpointed); ``before_write()``, if given, runs on the writer thread just before the
+    checkpoint file is written: the tracker's ``save_pending`` persists what MLflow has not received yet, so
     no metric older than a checkpoint can be lost.
     """
 
-    def __init__(self, checkpointer, period: int, writer: MetricWriter | None = None, before_save=None):
-        self.checkpointer, self.period, self.writer, self.before_save = checkpointer, period, writer, before_save
-        self.best_acc1 = -math.inf
+    def __init__(self, checkpointer, period: int, before_write=None):
+        self.checkpointer, self.period, self.before_write = checkpointer, period, before_write
 
     def after_step(self):
         if self.trainer.iter % self.trainer.stop_check_period == 0:  # where ranks agree (every step alone)
@@ -280,14 +324,7 @@ class PeriodicCheckpointer(HookBase):
             self._save()
 
     def after_epoch(self):
-        self.trainer.check_finite()  # a diverged model is never "best"
-        latest = self.trainer.latest_eval or {}
-        acc1 = latest.get("val_acc1")
-        fresh = latest.get("iteration") == self.trainer.iter  # evaluated this very model, not an older one
-        if fresh and acc1 is not None and acc1 > self.best_acc1:
-            self.best_acc1 = acc1
-            self.checkpointer.save_model("model_best.pth", self.trainer.unwrapped_model, wait=False)
-        self._save()  # after the update above, so the checkpoint knows the best accuracy so far
+        self._save()
 
     def after_train(self):
         exception = self.trainer.exception
@@ -302,15 +339,6 @@ class PeriodicCheckpointer(HookBase):
             logger.error(str(error))
 
     def _save(self):
-        if self.writer is not None:
-            self.writer.write()
-        self.trainer.check_finite()
-        before_write = self.before_save() if self.before_save is not None else None
+        self.trainer.flush_metrics()
         self.checkpointer.save(self.trainer.iter, self.trainer.state_dict(), wait=False,
-                               before_write=before_write if callable(before_write) else None)
-
-    def state_dict(self):
-        return {"best_acc1": self.best_acc1}
-
-    def load_state_dict(self, state):
-        self.best_acc1 = state["best_acc1"]
+                               before_write=self.before_write)

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -45,6 +46,11 @@ def resolve_tracking_uri(configured: str = "") -> str:
     if scheme == "sqlite":
         Path(_sqlite_path(uri)).parent.mkdir(parents=True, exist_ok=True)
     return uri
+
+
+def redact_credentials(value):
+    """``http://user:secret@host`` -> ``http://user:***@host``: passwords never reach MLflow or the log."""
+    return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", value) if isinstance(value, str) else value
 
 
 def artifact_root(uri: str) -> str | None:
@@ -208,6 +214,7 @@ class MLflowTracker:
                 finally:
                     # log_model makes the model the process's "active model", to which MLflow would attach every
                     # later metric (the last system metrics sample): only the final evaluation belongs to it.
+                    logging.getLogger("mlflow.tracking.fluent").setLevel(logging.WARNING)  # no "cleared" line
                     mlflow.clear_active_model()
                     mlflow.set_tracking_uri(previous_uri)
             self.client.update_run(self.run_id, status="RUNNING")  # end() sets the final status
@@ -239,33 +246,26 @@ class MLflowTracker:
         return self._queue.flush(timeout)
 
     def save_pending(self, quiet: bool = True) -> None:
-        """Write every undelivered item to ``mlflow_pending.jsonl`` (or remove the file when none is left)."""
-        self.snapshot_pending(quiet)()
+        """Write every undelivered item to ``mlflow_pending.jsonl`` (or remove the file when none is left).
 
-    def snapshot_pending(self, quiet: bool = True):
-        """What is undelivered now, as a function that writes it to ``mlflow_pending.jsonl``.
-
-        Taken on the training thread before each checkpoint (the queue is usually just behind), written by the
-        checkpoint writer thread just before the checkpoint file; ``save_pending`` at the end.
+        Runs on the checkpoint writer thread just before each checkpoint file is written (and at the end):
+        whatever is older than that checkpoint is then either in MLflow or in the file. Items newer than the
+        checkpoint may be in the file too; a resume skips the steps the run already holds.
         """
         if self.pending_dir is None:
-            return lambda: None
+            return
         path = self.pending_dir / PENDING_FILE
         pending = self._queue.pending()
+        if not pending:
+            path.unlink(missing_ok=True)
+            return
         # Enough to create the run later (tools/upload_pending.py) if it never existed.
         header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment_name, "run_id": self.run_id,
                   "run_name": self.run_name, "params": self._params or {}, "tags": dict(self._tags)}
-
-        def write() -> None:
-            if not pending:
-                path.unlink(missing_ok=True)
-                return
-            lines = [json.dumps(header)] + [json.dumps(item) for item in pending]
-            atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-            if not quiet:
-                logger.warning(f"{len(pending)} MLflow records not yet delivered are saved in {path}")
-
-        return write
+        lines = [json.dumps(header)] + [json.dumps(item) for item in pending]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        if not quiet:
+            logger.warning(f"{len(pending)} MLflow records not yet delivered are saved in {path}")
 
     # ---- delivery (background thread) --------------------------------------------------------------------
     def _deliver(self, batch: list) -> None:

@@ -1,26 +1,45 @@
-"""The training loop. The trainer owns the loop and one iteration (``run_step``); hooks do the rest."""
+"""The training loop. The trainer owns the loop and one iteration (``run_step``); hooks do the rest.
 
-import io
+The order of every call, the stop check included, is in ``engine.hooks.HookBase``'s docstring.
+"""
+
+import functools
 import logging
 import math
-import random
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from typing import Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import (
-    all_gather_objects,
-    all_reduce_sum,
-    earliest_over_ranks,
-    get_rank,
-    get_world_size,
-    in_process_group,
-)
-from engine.hooks import HookBase, TrainingInterrupted
+from engine.distributed import all_reduce_sum, earliest_over_ranks, get_world_size, in_process_group
+from engine.hooks import HOOK_METHODS, HookBase, TrainingInterrupted
+from engine.rng import gather_rng_states, restore_rng_state, rng_state_of_this_rank
 
 logger = logging.getLogger("engine")
+
+# The default training loss: summed over the batch (the trainer divides by the samples of the whole step).
+cross_entropy_sum = functools.partial(F.cross_entropy, reduction="sum")
+
+
+class Batch(Protocol):
+    images: torch.Tensor  # [N, C, H, W] on the training device
+    labels: torch.Tensor  # [N] class indices, or [N, classes] probabilities (mixed batches)
+
+
+class BatchSource(Protocol):
+    """What the trainer iterates: this process's share of every global batch, epoch by epoch."""
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterable[Batch]:
+        """The batches of ``epoch`` from batch ``start`` on (resuming mid-epoch), in the same order every time."""
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+
+    def global_batch_size(self, index: int) -> int:
+        """Samples in batch ``index`` summed over all processes (the last batch may be smaller)."""
 
 
 class MetricStorage:
@@ -37,27 +56,45 @@ class MetricStorage:
     def put(self, name: str, value, step: int) -> None:
         self._pending.append((name, value, step))
 
-    def drain(self) -> list[tuple[str, float, int]]:
+    def drain(self, also: torch.Tensor | None = None) -> tuple[list[tuple[str, float, int]], float | None]:
+        """The pending records as numbers, and the value of ``also`` (a one-element device tensor, not summed
+        over processes), read with the records in the same host sync when one process trains."""
         pending, self._pending = self._pending, []
-        tensors = [value for _, value, _ in pending if isinstance(value, torch.Tensor)]
-        values = iter(all_reduce_sum(torch.stack([t.detach().float() for t in tensors])).tolist() if tensors else ())
-        return [(name, next(values) if isinstance(value, torch.Tensor) else float(value), step)
-                for name, value, step in pending]
+        tensors = [value.detach().float() for _, value, _ in pending if isinstance(value, torch.Tensor)]
+        extra = None
+        if also is not None and not in_process_group():
+            tensors.append(also.float())
+        read = all_reduce_sum(torch.stack(tensors)).tolist() if tensors else []
+        if also is not None and not in_process_group():
+            extra = read.pop()
+        values = iter(read)
+        records = [(name, next(values) if isinstance(value, torch.Tensor) else float(value), step)
+                   for name, value, step in pending]
+        return records, extra
 
 
 class Trainer:
-    """Runs ``max_epochs`` epochs over ``train_batches`` (a batch source with ``epoch(epoch, start)``).
+    """Runs ``max_epochs`` epochs over ``train_batches``; hooks evaluate, log, checkpoint.
 
     One iteration is one optimizer step over ``accum_steps`` consecutive batches. ``iter`` counts finished
     iterations; it is the MLflow step of every metric and the only position a checkpoint needs.
+
+    ``loss(logits, targets)`` returns the loss summed over the batch (``reduction="sum"``; targets are class
+    indices or per-class probabilities): the trainer divides by the samples of the whole step, so gradient
+    accumulation and DDP give the exact mean. ``checkpoint_extras`` are saved as they are in every checkpoint.
+    Public state for hooks: ``iter``, ``epoch``, ``max_iter``, ``iters_per_epoch``, ``storage``, ``latest_eval``
+    (the newest evaluation, set by ``EvalHook``), ``exception`` (what ended ``train``, if anything).
     """
 
-    def __init__(self, model: nn.Module, optimizer, train_batches, max_epochs: int, device,
-                 hooks: list[HookBase] = (), amp: bool = False, accum_steps: int = 1, clip_grad_norm: float = 0.0,
-                 stop_check_period: int = 1):
+    def __init__(self, model: nn.Module, optimizer, train_batches: BatchSource, max_epochs: int, device,
+                 hooks: Iterable[HookBase] = (), loss: Callable | None = None, amp: bool = False,
+                 accum_steps: int = 1, clip_grad_norm: float = 0.0, stop_check_period: int = 1,
+                 checkpoint_extras: dict | None = None):
         self.model, self.optimizer, self.train_batches = model, optimizer, train_batches
+        self.loss = loss or cross_entropy_sum
         self.device = torch.device(device)
         self.max_epochs, self.accum_steps, self.clip_grad_norm = max_epochs, accum_steps, clip_grad_norm
+        self.checkpoint_extras = dict(checkpoint_extras or {})
         self.world_size = get_world_size()
         # How often processes agree on a stop request (and hooks on failures only one rank sees, such as a
         # checkpoint write): every step alone, less often under DDP to save a sync.
@@ -74,18 +111,25 @@ class Trainer:
         self.epochs_completed = 0
         self.storage = MetricStorage()
         self.latest_eval: dict | None = None
-        self.exception: BaseException | None = None  # what ended train(), if it raised
-        self.checkpoint_extras = dict  # callable -> extra entries saved in every checkpoint (run id, config)
+        self.exception: BaseException | None = None
         # First iteration whose loss was not finite, kept on the device: checking it every step would
-        # force a host sync, so it is read only when metrics are written and before each checkpoint.
+        # force a host sync, so it is read with the metrics (flush_metrics), at most once per iteration.
         self._first_bad_iter = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._checked_at = -1
         self.hooks: list[HookBase] = []
         self.register_hooks(hooks)
 
-    def register_hooks(self, hooks) -> None:
+    def register_hooks(self, hooks: Iterable[HookBase]) -> None:
         for hook in hooks:
             hook._attach(self)
             self.hooks.append(hook)
+        self._dispatch = self._methods_of(self.hooks)
+
+    @staticmethod
+    def _methods_of(hooks: list[HookBase]) -> dict[str, list]:
+        """Per hook method, the bound methods of the hooks that override it: the others are never called."""
+        return {name: [getattr(hook, name) for hook in hooks
+                       if getattr(type(hook), name) is not getattr(HookBase, name)] for name in HOOK_METHODS}
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -94,6 +138,7 @@ class Trainer:
 
     def train(self) -> None:
         logger.info(f"training for {self.max_epochs} epochs ({self.max_iter} iterations), starting at {self.iter}")
+        self._dispatch = self._methods_of(self.hooks)  # ``hooks`` may have been edited since registration
         try:
             self._call("before_train")
             self.epoch = self.epochs_completed
@@ -112,15 +157,18 @@ class Trainer:
         self._call("before_epoch")
         first_batch = (self.iter - self.epoch * self.iters_per_epoch) * self.accum_steps
         batches = iter(self.train_batches.epoch(self.epoch, start=first_batch))
+        before_step, after_step = self._dispatch["before_step"], self._dispatch["after_step"]
         while self.iter < (self.epoch + 1) * self.iters_per_epoch:
-            self._call("before_step")
+            for call in before_step:
+                call()
             self.run_step(batches)
             self.iter += 1
-            self._call("after_step")
+            for call in after_step:
+                call()
             self._stop_if_requested()
         self._call("after_epoch")
 
-    def run_step(self, batches) -> None:
+    def run_step(self, batches: Iterator[Batch]) -> None:
         """One optimizer step over up to ``accum_steps`` batches; the loss is the exact mean over their samples."""
         micro_batches = self._batches_in_step()
         step_samples = sum(self.train_batches.global_batch_size(b) for b in micro_batches)
@@ -130,7 +178,7 @@ class Trainer:
             batch = next(batches)
             last = position == len(micro_batches) - 1
             with self._maybe_no_sync(last), torch.autocast(self.device.type, torch.float16, enabled=self.amp):
-                loss = F.cross_entropy(self.model(batch.images), batch.labels, reduction="sum")
+                loss = self.loss(self.model(batch.images), batch.labels)
             loss = loss if loss.dtype == torch.float32 else loss.float()
             # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so
             # scaling by world_size makes the gradient the mean over the global step.
@@ -157,8 +205,31 @@ class Trainer:
     def _maybe_no_sync(self, last_micro_batch: bool):
         if not last_micro_batch and hasattr(self.model, "no_sync"):
             return self.model.no_sync()  # DDP: all-reduce gradients only on the step's last batch
-        return _NullContext()
+        return nullcontext()
 
+    # ---- metrics and the non-finite check ----------------------------------------------------------------
+    def flush_metrics(self) -> None:
+        """Read the stored metrics (one host sync), raise if a loss so far was NaN or inf, and hand the records
+        to every hook's ``write_metrics``. Call it on every rank at the same points (DDP sums over ranks)."""
+        check = self._checked_at != self.iter  # the flag only changes in run_step
+        records, bad = self.storage.drain(also=self._first_bad_iter if check else None)
+        if check:
+            self._checked_at = self.iter
+            self._raise_if_not_finite(int(bad) if bad is not None else earliest_over_ranks(self._first_bad_iter))
+        if records:
+            for call in self._dispatch["write_metrics"]:
+                call(records)
+
+    def _raise_if_not_finite(self, bad: int) -> None:
+        """``bad``: the first iteration (0-based) whose loss was not finite on any rank, or -1. Under DDP the
+        ranks agreed on it (one all-reduce), so every rank raises at the same point with the same message."""
+        if bad >= 0:
+            epoch = bad // self.iters_per_epoch + 1
+            raise FloatingPointError(
+                f"the training loss became NaN or inf at iteration {bad + 1} (epoch {epoch}); "
+                "lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or check the data. Earlier checkpoints are intact.")
+
+    # ---- stopping ----------------------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step (safe to call from a signal handler)."""
         self._stop_reason = reason
@@ -177,22 +248,9 @@ class Trainer:
         if requested:
             raise TrainingInterrupted(f"stopped by {self._stop_reason or 'another process'} at iteration {self.iter}")
 
-    def check_finite(self) -> None:
-        """Raise if any loss so far was NaN or inf, naming the first such iteration (1-based).
-
-        Under DDP the ranks agree first (one all-reduce): every rank raises at the same point with the same
-        message, also when only one of them saw the bad loss. Call it on every rank at the same points.
-        """
-        bad = earliest_over_ranks(self._first_bad_iter)
-        if bad >= 0:
-            epoch = bad // self.iters_per_epoch + 1
-            raise FloatingPointError(
-                f"the training loss became NaN or inf at iteration {bad + 1} (epoch {epoch}); "
-                "lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or check the data. Earlier checkpoints are intact.")
-
     def _call(self, method: str) -> None:
-        for hook in self.hooks:
-            getattr(hook, method)()
+        for call in self._dispatch[method]:
+            call()
 
     # ---- state for checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -206,7 +264,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "hooks": {key: hook.state_dict() for key, hook in self._keyed_hooks() if hook.state_dict()},
             "rng": gather_rng_states(),  # one entry per rank
-            **self.checkpoint_extras(),
+            **self.checkpoint_extras,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -231,73 +289,6 @@ class Trainer:
         return keyed
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def capture_rng_state() -> dict:
-    """The global random streams training draws from, in types that ``torch.load(weights_only=True)`` accepts.
-
-    Python's ``random`` is recorded but never seeded or restored: other libraries draw from it (MLflow's run
-    names), and training does not.
-    """
-    numpy_state = np.random.get_state()
-    return {
-        "python": _to_lists(random.getstate()),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def gather_rng_states() -> list[dict]:
-    """Every rank's ``capture_rng_state()``, in rank order (a collective under DDP).
-
-    Sent as ``torch.save`` bytes and read back with ``weights_only=True``: tensors inside objects do not
-    survive ``all_gather_object`` itself.
-    """
-    state = capture_rng_state()
-    if not in_process_group():
-        return [state]
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return [torch.load(io.BytesIO(data), weights_only=True) for data in all_gather_objects(buffer.getvalue())]
-
-
-def restore_rng_state(state: dict) -> None:
-    """Set the global random streams from ``capture_rng_state``'s result (Python's ``random`` is left alone).
-
-    CUDA states are restored for the GPUs visible now: a checkpoint of more GPUs (``TRAIN.GPUS`` may change
-    on resume) gives its first ones, a checkpoint written on the CPU leaves the GPUs' streams alone.
-    """
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    saved, visible = state["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for index, cuda_state in enumerate(saved[:visible]):
-        torch.cuda.set_rng_state(cuda_state, index)
-    if saved and len(saved) != visible:
-        logger.info(f"the checkpoint holds the CUDA random states of {len(saved)} GPU(s), {visible} visible now: "
-                    f"restored {min(len(saved), visible)}")
-
-
-def rng_state_of_this_rank(saved) -> dict:
-    """This rank's entry of a checkpoint's ``rng`` (one per rank; older checkpoints hold one for all ranks).
-
-    With more ranks than entries (resumed on more processes) the extra ranks take rank 0's.
-    """
-    states = saved if isinstance(saved, list) else [saved]
-    rank, world_size = get_rank(), get_world_size()
-    if len(states) != world_size and rank == 0:
-        logger.info(f"the checkpoint holds the random states of {len(states)} process(es), this run has "
-                    f"{world_size}")
-    return states[rank] if rank < len(states) else states[0]
-
-
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
     """Load the GradScaler's state. A checkpoint written without AMP (on the CPU, say) holds an empty one:
     resumed with AMP on, the scaler then starts from its initial scale."""
@@ -305,7 +296,3 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
         logger.info("the checkpoint was written without AMP: the GradScaler starts from its initial scale")
         return
     scaler.load_state_dict(saved)
-
-
-def _to_lists(value):
-    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

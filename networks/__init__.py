@@ -5,21 +5,18 @@ Adding a model is one new file with a ``build_<name>(cfg)`` function plus one en
 
 from torch import nn
 
-from config import ConfigError
+from config.registry import Registry
 from networks.resnet import build_resnet18
 from networks.simple_cnn import SimpleCNN, build_simple_cnn
 
-MODEL_REGISTRY = {
+MODEL_REGISTRY = Registry("TRAIN.MODEL_TYPE", {
     "simple_cnn": build_simple_cnn,
     "resnet18": build_resnet18,
-}
+})
 
 
 def build_model(cfg) -> nn.Module:
-    if cfg.TRAIN.MODEL_TYPE not in MODEL_REGISTRY:
-        raise ConfigError(f"unknown TRAIN.MODEL_TYPE '{cfg.TRAIN.MODEL_TYPE}'; "
-                          f"choose one of {', '.join(sorted(MODEL_REGISTRY))}")
-    return MODEL_REGISTRY[cfg.TRAIN.MODEL_TYPE](cfg)
+    return MODEL_REGISTRY.lookup(cfg.TRAIN.MODEL_TYPE)(cfg)
 
 
 __all__ = ["MODEL_REGISTRY", "SimpleCNN", "build_model"]

@@ -4,25 +4,18 @@ import math
 
 import torch
 
-from config import ConfigError
 from solvers.lr_schedulers import SCHEDULE_REGISTRY, with_warmup
 from solvers.optimizers import OPTIMIZER_REGISTRY
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    name = cfg.TRAIN.OPTIMIZER_TYPE
-    if name not in OPTIMIZER_REGISTRY:
-        raise ConfigError(f"unknown TRAIN.OPTIMIZER_TYPE '{name}'; choose one of {', '.join(OPTIMIZER_REGISTRY)}")
-    return OPTIMIZER_REGISTRY[name](model.parameters(), cfg.TRAIN)
+    return OPTIMIZER_REGISTRY.lookup(cfg.TRAIN.OPTIMIZER_TYPE)(model.parameters(), cfg.TRAIN)
 
 
 def build_lr_scheduler(cfg, optimizer, iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration scheduler; ``iters_per_epoch`` counts optimizer steps (after gradient accumulation)."""
-    name = cfg.TRAIN.SCHEDULER_TYPE
-    if name not in SCHEDULE_REGISTRY:
-        raise ConfigError(f"unknown TRAIN.SCHEDULER_TYPE '{name}'; choose one of {', '.join(SCHEDULE_REGISTRY)}")
     max_iters = iters_per_epoch * cfg.TRAIN.MAX_EPOCHS
-    schedule = SCHEDULE_REGISTRY[name](cfg.TRAIN, iters_per_epoch, max_iters)
+    schedule = SCHEDULE_REGISTRY.lookup(cfg.TRAIN.SCHEDULER_TYPE)(cfg.TRAIN, iters_per_epoch, max_iters)
     warmup_iters = math.ceil(cfg.TRAIN.WARMUP_EPOCHS * iters_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, with_warmup(schedule, warmup_iters))
 

@@ -7,6 +7,8 @@ Everything is a pure function of the iteration, so the schedule resumes exactly 
 
 import math
 
+from config.registry import Registry
+
 
 def step_lr(train_cfg, iters_per_epoch, max_iters):
     return lambda it: train_cfg.GAMMA ** ((it // iters_per_epoch) // train_cfg.STEP_SIZE)
@@ -25,7 +27,8 @@ def constant(train_cfg, iters_per_epoch, max_iters):
     return lambda it: 1.0
 
 
-SCHEDULE_REGISTRY = {"step_lr": step_lr, "multistep": multistep, "cosine": cosine, "constant": constant}
+SCHEDULE_REGISTRY = Registry("TRAIN.SCHEDULER_TYPE",
+                             {"step_lr": step_lr, "multistep": multistep, "cosine": cosine, "constant": constant})
 
 
 def with_warmup(schedule, warmup_iters: int):

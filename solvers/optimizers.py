@@ -2,6 +2,8 @@
 
 import torch
 
+from config.registry import Registry
+
 
 def sgd(params, train_cfg):
     return torch.optim.SGD(params, lr=train_cfg.LR, momentum=train_cfg.MOMENTUM, weight_decay=train_cfg.WEIGHT_DECAY)
@@ -17,4 +19,4 @@ def adamw(params, train_cfg):
                              weight_decay=train_cfg.WEIGHT_DECAY)
 
 
-OPTIMIZER_REGISTRY = {"sgd": sgd, "adam": adam, "adamw": adamw}
+OPTIMIZER_REGISTRY = Registry("TRAIN.OPTIMIZER_TYPE", {"sgd": sgd, "adam": adam, "adamw": adamw})

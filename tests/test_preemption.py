@@ -44,8 +44,9 @@ def test_sigusr1_saves_a_checkpoint_marks_the_run_killed_and_exits_130(small_run
     assert code == 130 and not not_taken
     output_dir = run_dir / "output"
     log = (output_dir / "log.txt").read_text()  # what the run printed, stderr included
-    assert "SIGUSR1 received: stopping after this step and saving a checkpoint" in log
-    assert "training interrupted: stopped by SIGUSR1 at iteration 3; continue with --resume" in log
+    assert "SIGUSR1 received: stopping after this step with a checkpoint" in log
+    assert "training interrupted: stopped by SIGUSR1 at iteration 3; continue it with" in log
+    assert log.rstrip().endswith(f"OUTPUT_DIR {output_dir} --resume")  # the command that continues it
     assert (output_dir / "last_checkpoint").read_text() == "checkpoint_00000003.pth"
     assert not (output_dir / "model_final.pth").exists()
     (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="Default")

@@ -49,11 +49,11 @@ import torch.nn.functional as F  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from datasets import build_datasets  # noqa: E402
 from datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from engine.checkpoint import Checkpointer, atomic_write_bytes  # noqa: E402
+from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
-from engine.hooks import EvalHook, HookBase, MetricWriter, PeriodicCheckpointer, ProgressBar  # noqa: E402
-from tools.build import build_data, build_network, build_trainer  # noqa: E402
-from tools.run import configure_reproducibility, make_tracker, start_tracker  # noqa: E402
+from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  # noqa: E402
+from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
+from tools.build import build_data, build_model_for_training, build_run_record, build_trainer, make_tracker  # noqa: E402
 
 MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "dataloader", "torchvision_folder")
 AUGMENT = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]  # the usual CIFAR recipe order
@@ -269,20 +269,19 @@ class ModeStats:
 def measure_costs(trainer, tracker, period: int) -> dict:
     """Seconds of one metric flush (training thread), its delivery to MLflow (background thread), and one
     epoch-end checkpoint; timed on the finished engine's own hooks, median of COST_SAMPLES."""
-    writer = next(hook for hook in trainer.hooks if isinstance(hook, MetricWriter))
     saver = next(hook for hook in trainer.hooks if isinstance(hook, PeriodicCheckpointer))
     tracker.flush()
     step, flush, delivery, checkpoint, written_by = trainer.iter, [], [], [], []
     for _ in range(COST_SAMPLES):
         step = put_one_period(trainer, step, period)
         start = time.perf_counter()
-        writer.write()
+        trainer.flush_metrics()
         written = time.perf_counter()
         tracker.flush()
         flush.append(written - start)
         delivery.append(time.perf_counter() - written)
         step = put_one_period(trainer, step, period)
-        writer.write()  # as at an epoch end: the checkpoint saves the records not yet delivered
+        trainer.flush_metrics()  # as at an epoch end: the checkpoint saves the records not yet delivered
         start = time.perf_counter()
         saver.after_epoch()
         handed_over = time.perf_counter()
@@ -306,27 +305,23 @@ def put_one_period(trainer, step: int, period: int) -> int:
 
 # ---- the modes -----------------------------------------------------------------------------------------------
 def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, with_costs: bool = False):
-    """Build and train exactly as tools/run.py does (minus the final evaluation and model logging)."""
+    """Build and train with the builders tools/run.py uses (minus the evaluations and the model logging)."""
     cfg = workspace.config(mode, opts)
-    output_dir = Path(cfg.OUTPUT_DIR)
-    output_dir.mkdir(parents=True)
-    atomic_write_bytes(output_dir / "config.yaml", cfg.dump().encode())
+    folder = RunFolder(cfg.OUTPUT_DIR)
+    folder.write_config(cfg.dump())
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
     device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
     data = build_data(cfg, device)
-    model = build_network(cfg, device, num_gpus)
-    tracker = make_tracker(cfg, output_dir) if tracked else None
-    trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(output_dir, keep=cfg.CHECKPOINT.KEEP),
-                            before_save=tracker.snapshot_pending if tracker else None)
-    config_text = cfg.dump()
-    trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None, "config": config_text}
+    model = build_model_for_training(cfg, device, num_gpus)
+    tracker = make_tracker(cfg, folder) if tracked else None
+    trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(folder.path, keep=cfg.CHECKPOINT.KEEP))
     if tracker is not None:
-        start_tracker(cfg, output_dir, None, {"benchmark_mode": mode}, device, num_gpus, tracker=tracker)
-    trainer.run_id = tracker.run_id if tracker else None
+        record = build_run_record(cfg, device, num_gpus, data, tracker, {"benchmark_mode": mode})
+        start_tracker(tracker, record)
     trainer.hooks = [hook for hook in trainer.hooks if not isinstance(hook, EvalHook)]
     for hook in trainer.hooks:
         if isinstance(hook, ProgressBar):
-            hook.stream = workspace.devnull  # still enabled and drawn, just not on the terminal
+            hook.stream, hook.enabled = workspace.devnull, True  # still drawn, just not on the terminal
     clock = EpochClock(device)
     trainer.register_hooks([clock])
     with PeakMemory(device) as memory:
@@ -364,7 +359,7 @@ def train_loop(model, optimizer, batches, cfg, device) -> EpochTimes:
 
 def bare_model(cfg, device):
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
-    model = build_network(cfg, device, num_gpus=0)
+    model = build_model_for_training(cfg, device, num_gpus=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM,
                                 weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     return model, optimizer
@@ -477,7 +472,7 @@ def print_costs(results: dict) -> None:
     print(f"  checkpoint at the epoch end          {costs['checkpoint'] * 1e3:7.1f} ms  training thread, x1 per epoch")
     print(f"  ... until on disk (fsynced)          {costs['checkpoint_on_disk'] * 1e3:7.1f} ms  wall, the rest on the "
           "checkpoint writer thread")
-    print(f"  metric flush (MetricWriter.write)    {costs['flush'] * 1e3:7.1f} ms  training thread, "
+    print(f"  metric flush (flush_metrics)       {costs['flush'] * 1e3:7.1f} ms  training thread, "
           f"x{flushes} per epoch")
     print(f"  -> on the training thread per epoch  {on_thread * 1e3:7.1f} ms  = {on_thread / epoch:.1%} of the epoch")
     print(f"  one flush delivered to MLflow        {costs['delivery'] * 1e3:7.1f} ms  wall, background thread")

@@ -5,10 +5,11 @@ exactly what a user runs.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from config import ConfigError
+from config import ConfigError, flatten_config
 from datasets import DatasetSplits, build_datasets
 from datasets.batches import build_batches
 from datasets.transforms import build_transform
@@ -16,30 +17,28 @@ from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, wrap_model
 from engine.evaluation import evaluate
+from engine.run import FinalSteps, RunRecord, make_eval_report
+from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
 from networks import build_model
 from solvers import build_lr_scheduler, build_optimizer
+from tools.dataset_inputs import DatasetInputs
+from tools.run_record import collect_run_record, git_diff, installed_packages
 
 
 def check_names(cfg) -> None:
     """Every name the config picks from a registry exists: checked before anything is written or loaded."""
-    from datasets import ALIASES, DATASET_REGISTRY
+    from datasets import DATASET_REGISTRY
     from datasets.transforms import TRANSFORM_REGISTRY
     from networks import MODEL_REGISTRY
     from solvers.lr_schedulers import SCHEDULE_REGISTRY
     from solvers.optimizers import OPTIMIZER_REGISTRY
 
-    choices = [
-        ("DATA.DATASET_TYPE", [cfg.DATA.DATASET_TYPE], [*DATASET_REGISTRY, *ALIASES]),
-        ("DATA.TRANSFORM_LIST", cfg.DATA.TRANSFORM_LIST, TRANSFORM_REGISTRY),
-        ("TRAIN.MODEL_TYPE", [cfg.TRAIN.MODEL_TYPE], MODEL_REGISTRY),
-        ("TRAIN.OPTIMIZER_TYPE", [cfg.TRAIN.OPTIMIZER_TYPE], OPTIMIZER_REGISTRY),
-        ("TRAIN.SCHEDULER_TYPE", [cfg.TRAIN.SCHEDULER_TYPE], SCHEDULE_REGISTRY),
-    ]
-    for key, names, registry in choices:
+    for registry, names in [(DATASET_REGISTRY, [cfg.DATA.DATASET_TYPE]), (TRANSFORM_REGISTRY, cfg.DATA.TRANSFORM_LIST),
+                            (MODEL_REGISTRY, [cfg.TRAIN.MODEL_TYPE]), (OPTIMIZER_REGISTRY, [cfg.TRAIN.OPTIMIZER_TYPE]),
+                            (SCHEDULE_REGISTRY, [cfg.TRAIN.SCHEDULER_TYPE])]:
         for name in names:
-            if name not in registry:
-                raise ConfigError(f"unknown {key} '{name}'; choose one of {', '.join(sorted(registry))}")
+            registry.lookup(name)
 
 
 @dataclass
@@ -73,8 +72,9 @@ def build_data(cfg, device) -> Data:
     return Data(splits, batches(splits.train, True), batches(splits.val, False), batches(splits.test, False))
 
 
-def build_network(cfg, device, num_gpus: int) -> torch.nn.Module:
-    """The model on ``device`` (initial weights from ``MODEL.WEIGHTS`` if set), wrapped for DP/DDP."""
+def build_model_for_training(cfg, device, num_gpus: int) -> torch.nn.Module:
+    """The model of TRAIN.MODEL_TYPE with the initial weights of ``MODEL.WEIGHTS`` (if set), on ``device``,
+    wrapped in DataParallel / DistributedDataParallel as the backend asks."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         load_weights(model, cfg.MODEL.WEIGHTS)
@@ -101,34 +101,73 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                               f"'{model.__class__.__name__}': {detail}") from None
 
 
-def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, before_save=None,
-                  extra_hooks=(), eval_report=None) -> Trainer:
-    """The trainer with the built-in hooks, in the order they must run.
+def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, extra_hooks=(),
+                  loss=None) -> Trainer:
+    """The trainer with the built-in hooks, in the order they must run (see engine/hooks.py).
 
-    ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointer, so a
-    checkpoint holds their state as of the same step.
-
-    ``tracker`` (an MLflowTracker, or None on other ranks and when logging is off) receives the metrics;
-    ``checkpointer`` (None = no checkpoints) saves them. ``eval_report(results, step)`` receives every
-    evaluation's full results (per-class figures and tables).
+    ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointers, so a
+    checkpoint holds their state as of the same step. ``tracker`` (an MLflowTracker, or None on other ranks)
+    receives the metrics; ``checkpointer`` (None = no checkpoints) saves the state.
     """
     optimizer = build_optimizer(cfg, model)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
-    scheduler = build_lr_scheduler(cfg, optimizer, iters_per_epoch)
-    num_classes = len(cfg.DATA.CLASSES)
-    eval_model = module_to_evaluate(model)
-    writer = engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD)
+    eval_model, num_classes = module_to_evaluate(model), len(cfg.DATA.CLASSES)
+    report = make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker is not None else None
     hooks = [
-        engine_hooks.LRScheduler(scheduler),
-        engine_hooks.IterationTimer(len(data.splits.train)),
+        engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
+        engine_hooks.EpochTimer(len(data.splits.train)),
         engine_hooks.EvalHook(lambda: evaluate(eval_model, data.val, num_classes, device, cfg.TRAIN.AMP),
-                              cfg.EVAL.PERIOD, report=eval_report),
-        writer,
+                              cfg.EVAL.PERIOD, report=report),
+        engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD),
         *extra_hooks,
     ]
     if checkpointer is not None:
-        hooks.append(engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD, writer, before_save))
+        hooks += [engine_hooks.BestCheckpointer(checkpointer),
+                  engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD,
+                                                    before_write=tracker.save_pending if tracker else None)]
     hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0))
-    return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks, amp=cfg.TRAIN.AMP,
-                   accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
-                   stop_check_period=cfg.LOG.PERIOD)
+    return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks, loss=loss,
+                   amp=cfg.TRAIN.AMP, accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
+                   stop_check_period=cfg.LOG.PERIOD, checkpoint_extras={"config": cfg.dump()})
+
+
+def make_tracker(cfg, folder) -> MLflowTracker:
+    """The MLflow tracker of a run whose files are in ``folder`` (a RunFolder): it learns the run id there."""
+    return MLflowTracker(resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI), cfg.MLFLOW.EXPERIMENT_NAME,
+                         cfg.MLFLOW.RUN_NAME, pending_dir=folder.path, on_run_id=folder.remember_run_id)
+
+
+def build_run_record(cfg, device, num_gpus: int, data: Data, tracker, extra_tags: dict,
+                     description: str = "") -> RunRecord:
+    """Params (the flattened config), tags (where the run came from, where its files are, what it trained),
+    config.yaml, the package list and the diff, and the dataset inputs (computed in the background)."""
+    tags = {**collect_run_record(cfg, device, num_gpus), "output_dir": cfg.OUTPUT_DIR,
+            "mlflow.note.content": description or run_description(cfg, data), **extra_tags}
+    texts = {"requirements-freeze.txt": installed_packages()}
+    if tags.get("git_dirty") == "True":
+        texts["git_diff.patch"] = git_diff()
+    return RunRecord(params={key: redact_credentials(value) for key, value in flatten_config(cfg).items()},
+                     tags=tags, artifacts=[Path(cfg.OUTPUT_DIR) / "config.yaml"], texts=texts,
+                     background=[DatasetInputs(tracker, cfg, data.splits)] if tracker is not None else [],
+                     system_metrics=cfg.MLFLOW.SYSTEM_METRICS,
+                     tracking_uri=resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI))
+
+
+def run_description(cfg, data: Data) -> str:
+    """What was trained on what, for the run's description in the MLflow UI."""
+    sizes = f"{len(data.splits.train):,} training / {len(data.splits.val):,} validation images"
+    return (f"{cfg.TRAIN.MODEL_TYPE} trained on {cfg.DATA.DATASET_TYPE} ({sizes}) for {cfg.TRAIN.MAX_EPOCHS} "
+            f"epochs: {cfg.TRAIN.OPTIMIZER_TYPE}, LR {cfg.TRAIN.LR:g} ({cfg.TRAIN.SCHEDULER_TYPE}), "
+            f"batch {cfg.TRAIN.BATCH_SIZE}. Files: {cfg.OUTPUT_DIR}")
+
+
+def build_final_steps(cfg, data: Data, eval_model, device) -> FinalSteps:
+    num_classes = len(cfg.DATA.CLASSES)
+    evaluate_test = None
+    if data.test is not None:
+        def evaluate_test():
+            return evaluate(eval_model, data.test, num_classes, device, cfg.TRAIN.AMP)
+    example = next(iter(data.val.epoch(0))).images[:2].float().cpu() if cfg.MLFLOW.LOG_MODEL else None
+    return FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test,
+                      model_name=f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}", example_input=example,
+                      log_model=cfg.MLFLOW.LOG_MODEL, register_as=cfg.MLFLOW.REGISTER_MODEL)

@@ -6,7 +6,6 @@ by the caller only when useful (a dirty tree), the rest as short tags.
 
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import torch
 
 from config.defaults import REPO_ROOT
 from engine.distributed import get_world_size, in_process_group
+from engine.tracking import redact_credentials
 
 MAX_UNTRACKED_BYTES = 1 << 20  # a larger untracked file is named in the patch, not copied into it
 BINARY_PROBE_BYTES = 8192  # git's own test: a NUL byte in the first 8 KB makes a file binary
@@ -58,11 +58,6 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
         record["git_branch"] = _git("rev-parse", "--abbrev-ref", "HEAD") or ""
         record["git_dirty"] = str(bool(status))
     return record
-
-
-def redact_credentials(value):
-    """``http://user:secret@host`` -> ``http://user:***@host``: passwords never reach MLflow."""
-    return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", value) if isinstance(value, str) else value
 
 
 def git_diff(repo: Path | None = None) -> str:

@@ -21,7 +21,8 @@ from config.defaults import REPO_ROOT  # noqa: E402
 from datasets import DatasetError  # noqa: E402
 from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.hooks import TrainingInterrupted  # noqa: E402
-from tools.run import evaluate_only, rerun_config, train  # noqa: E402
+from tools.rerun import rerun_config  # noqa: E402
+from tools.run import evaluate_only, train  # noqa: E402
 
 # Mistakes a user can make: printed as one line, exit code 2, no traceback (unless --debug).
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FloatingPointError)
@@ -52,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None, hooks=()) -> int:
-    """The command line; ``hooks`` (HookBase instances) join the training: see README, "Extending it"."""
+def main(argv=None, hooks=(), loss=None) -> int:
+    """The command line, and the public way to train with your own hooks and loss (README, "Extending it"):
+    ``hooks`` (HookBase instances) join the training; ``loss(logits, targets)``, summed over the batch,
+    replaces cross-entropy for training. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
@@ -64,7 +67,7 @@ def main(argv=None, hooks=()) -> int:
         if args.eval_only:
             evaluate_only(cfg)
         else:
-            train(cfg, resume=args.resume, extra_tags=source_tags, hooks=hooks)
+            train(cfg, resume=args.resume, extra_tags=source_tags, hooks=hooks, loss=loss)
         return 0
     except TrainingInterrupted as stop:
         print(f"training interrupted: {stop}; continue it with (from the repository root):", file=sys.stderr)

@@ -1,0 +1,314 @@
+"""The life of one run, from built objects: its folder and log, resume, signals, training, the final evaluation
+and model, and an MLflow run that always ends FINISHED, FAILED or KILLED.
+
+``tools/run.py`` builds the objects from the config and calls these in this order::
+
+    folder = RunFolder(output_dir)          # created now; removed again if the run fails before its first step
+    folder.start_log()                      # log.txt holds everything from here on
+    resumed = find_resume_point(...)        # with --resume: the newest checkpoint that loads and fits
+    folder.write_config(text); configure_reproducibility(seed, deterministic)
+    ... data, model, tracker, trainer ...
+    TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, previous_run)
+
+Order matters for never losing a run: the folder, log.txt and config.yaml exist before anything can fail; the
+MLflow run starts only once the config and the checkpoint have passed every check, and its id is written to
+the folder as soon as it exists; whatever happens, it ends with a final status after everything queued was
+delivered or saved to the folder.
+"""
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import ConfigError
+from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
+from engine.distributed import broadcast_object, is_main_process
+from engine.evaluation import per_class_accuracy
+from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
+from engine.hooks import TrainingInterrupted
+from engine.logger import restore_streams, setup_logging
+from engine.system_metrics import SystemMetrics, node_id, samples_this_process
+from engine.tracking import redact_credentials
+
+logger = logging.getLogger("engine")
+
+RUN_ID_FILE = "mlflow_run_id"
+# Ctrl+C, `kill`, and Slurm's warning before a time limit or preemption (sbatch --signal=USR1@90).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class RunFolder:
+    """OUTPUT_DIR of this run (the same path on every rank), created and checked on the main process.
+
+    A run that fails before its first step leaves no new folder behind: ``discard_if_unused`` removes it if
+    this run created it and it holds nothing worth keeping. A folder that existed is never removed.
+    """
+
+    KEEP = ("checkpoint_*.pth", "model_*.pth", "mlflow_pending.jsonl")  # never discarded with these inside
+
+    def __init__(self, path):
+        self.path = Path(broadcast_object(str(path))).resolve()
+        self.created = False
+        if is_main_process():
+            self._create()
+
+    def _create(self) -> None:
+        try:
+            self.created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path / ".write_test", b"")
+            (self.path / ".write_test").unlink()
+        except OSError as error:
+            raise ConfigError(f"cannot write to OUTPUT_DIR {self.path}: {error.strerror}; "
+                              "choose a writable folder with OUTPUT_DIR <path>") from None
+
+    def start_log(self) -> None:
+        """log.txt: a copy of all the run prints, from here on."""
+        setup_logging(self.path, is_main_process())
+        logger.info(f"output folder: {self.path}")
+
+    def write_config(self, text: str) -> None:
+        if is_main_process():
+            atomic_write_bytes(self.path / "config.yaml", text.encode())
+
+    def remember_run_id(self, run_id: str) -> None:
+        """Written as soon as the MLflow run exists, so that --resume finds it even before a checkpoint."""
+        atomic_write_bytes(self.path / RUN_ID_FILE, run_id.encode())
+
+    def previous_run_id(self, resumed) -> str | None:
+        """The run to re-attach: the checkpoint's, else the one written at start (a crash before a checkpoint)."""
+        saved = resumed[1] if resumed else {}
+        from_checkpoint = saved.get("hooks", {}).get("MetricWriter", {}).get("mlflow_run_id")
+        path = self.path / RUN_ID_FILE
+        return from_checkpoint or (path.read_text().strip() if path.is_file() else None)
+
+    def discard_if_unused(self, started: bool) -> None:
+        if started or not self.created or any(any(self.path.glob(p)) for p in self.KEEP):
+            return
+        restore_streams()  # log.txt is open in the folder; what follows goes to the terminal only
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def configure_reproducibility(seed: int, deterministic: bool) -> None:
+    # Not Python's global random: MLflow draws run names from it, and seeding it named every run alike.
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # identical model initialisation in every process
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms for each new input shape, picks the fastest
+        torch.backends.cudnn.deterministic = False
+        torch.use_deterministic_algorithms(False)
+
+
+def find_resume_point(checkpointer: Checkpointer, check_config: Callable[[str, Path], None]):
+    """The newest checkpoint that loads, as ``(path, state)``, after ``check_config(saved_yaml, path)`` accepted
+    the config it was written with; None starts fresh (unreadable checkpoints are kept under another name)."""
+    found = checkpointer.load_newest_valid()
+    if found is None:
+        unreadable = checkpointer.set_aside_unreadable()
+        if unreadable:
+            logger.warning(f"--resume: none of the {len(unreadable)} checkpoints in {checkpointer.output_dir} "
+                           f"could be read; they are kept as {unreadable[0].name}, ...; starting from scratch")
+        else:
+            logger.info(f"--resume: no checkpoint in {checkpointer.output_dir}, starting from scratch")
+        return None
+    path, state = found
+    check_config(state.get("config", ""), path)
+    return found
+
+
+@dataclass
+class RunRecord:
+    """What the MLflow run records besides the metrics: given by the builder, logged when the run starts."""
+
+    params: dict
+    tags: dict
+    artifacts: list[Path] = field(default_factory=list)  # files, e.g. config.yaml
+    texts: dict[str, str] = field(default_factory=dict)  # artifact name -> content (package list, diff)
+    background: list[threading.Thread] = field(default_factory=list)  # started with the run, joined at its end
+    system_metrics: bool = True
+    tracking_uri: str = ""  # where system metrics go (each node's first process samples)
+
+
+@dataclass
+class FinalSteps:
+    """What happens after the last epoch, besides model_final.pth."""
+
+    class_names: list[str]
+    evaluate_test: Callable[[], dict] | None = None  # the test split's evaluation, where there is one
+    model_name: str = "model"  # the logged model's name: what it is
+    example_input: torch.Tensor | None = None  # a batch of two, for the logged model's signature
+    log_model: bool = True
+    register_as: str = ""  # also a new version of this registered model (empty: not registered)
+
+
+class TrainingRun:
+    """Resume, train under signal handling, finish, and give the MLflow run its final status."""
+
+    def __init__(self, trainer, checkpointer: Checkpointer, tracker, record: RunRecord, final: FinalSteps):
+        self.trainer, self.checkpointer, self.tracker = trainer, checkpointer, tracker
+        self.record, self.final = record, final
+        self.system_metrics = None
+        self.status, self.wait_for_mlflow, self.quick = "FAILED", 60.0, False
+
+    def run(self, resumed=None, previous_run: str | None = None) -> None:
+        if resumed is not None:
+            restore_trainer(self.trainer, *resumed)
+        self._start(previous_run)
+        try:
+            with stop_on_signals(self.trainer):
+                self.trainer.train()
+            self._stop_system_metrics()  # before the model is logged: MLflow would attach later samples to it
+            self._finish()
+            self.status = "FINISHED"
+        except BaseException as error:
+            self._ended_by(error)
+            raise
+        finally:
+            self._end()
+
+    def _start(self, previous_run: str | None) -> None:
+        if self.tracker is not None:
+            start_tracker(self.tracker, self.record, previous_run)
+        run_id = broadcast_object(self.tracker.run_id if self.tracker else None)  # every rank knows the run
+        if run_id and self.record.system_metrics and samples_this_process():
+            self.system_metrics = SystemMetrics(run_id, self.record.tracking_uri, node_id=node_id(),
+                                                resume=previous_run is not None)
+
+    def _finish(self) -> None:
+        """model_final.pth, the final confusion matrix, the test split, the model with its final metrics."""
+        trainer, tracker, final = self.trainer, self.tracker, self.final
+        path = self.checkpointer.save_model("model_final.pth", trainer.unwrapped_model)
+        logger.info(f"saved {path}")
+        latest = trainer.latest_eval or {}
+        if tracker is not None and "val_confusion" in latest:
+            tracker.log_figure(confusion_matrix_figure(latest["val_confusion"], final.class_names),
+                               "confusion_matrix.png")
+        if final.evaluate_test is not None:
+            self._evaluate_test()
+        if tracker is not None and final.log_model and final.example_input is not None:
+            if tracker.log_model(trainer.unwrapped_model, final.example_input, name=final.model_name,
+                                 step=trainer.iter, register_as=final.register_as):
+                logger.info(f"logged the model '{final.model_name}' to MLflow (mlflow.pytorch, pt2 format)")
+
+    def _evaluate_test(self) -> None:
+        results, step = self.final.evaluate_test(), self.trainer.iter
+        logger.info(f"test_loss {results['loss']:.4f}  test_acc1 {results['acc1']:.4f}")
+        if self.tracker is not None:
+            self.tracker.log_metrics([("test_loss", results["loss"], step), ("test_acc1", results["acc1"], step)])
+            make_eval_report(self.tracker, self.final.class_names, "test")(results, step)
+            self.tracker.log_figure(confusion_matrix_figure(results["confusion"], self.final.class_names),
+                                    "confusion_matrix_test.png")
+
+    def _ended_by(self, error: BaseException) -> None:
+        if isinstance(error, TrainingInterrupted):  # quick: under torchrun or Slurm, SIGKILL follows 30 s later
+            self.status, self.wait_for_mlflow = "KILLED", 10.0
+        elif isinstance(error, KeyboardInterrupt):  # a second Ctrl+C: leave quickly, the rest goes to the file
+            self.status, self.wait_for_mlflow, self.quick = "KILLED", 3.0, True
+        elif isinstance(error, FloatingPointError):
+            logger.error(str(error))
+
+    def _stop_system_metrics(self) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
+            self.system_metrics = None
+
+    def _end(self) -> None:
+        self._stop_system_metrics()
+        if self.tracker is None:
+            return
+        if not self.quick:
+            for thread in self.record.background:
+                if thread.is_alive():
+                    thread.join()
+        end_tracker(self.tracker, self.status, self.wait_for_mlflow)
+
+
+def start_tracker(tracker, record: RunRecord, previous_run: str | None = None) -> None:
+    """Create (or re-attach) the MLflow run with its params and tags, and queue the record's artifacts."""
+    run_id = tracker.start(record.params, tags=record.tags, run_id=previous_run)
+    logger.info(f"MLflow run {run_id or '(pending)'} in experiment '{tracker.experiment_name}'")
+    logger.info(f"MLflow store: {redact_credentials(tracker.tracking_uri)}")
+    for path in record.artifacts:
+        tracker.log_artifact(path)
+    for name, text in record.texts.items():
+        tracker.log_text(text, name)
+    for thread in record.background:
+        thread.start()
+
+
+def end_tracker(tracker, status: str, wait: float = 60.0) -> None:
+    """The final log.txt, then the final status once everything queued was delivered (or saved for later)."""
+    sys.stdout.flush()
+    if tracker.pending_dir is not None:
+        tracker.log_artifact(tracker.pending_dir / "log.txt")
+    if not tracker.end(status, timeout=wait):
+        logger.warning(f"upload later with: python tools/upload_pending.py {tracker.pending_dir}")
+
+
+def restore_trainer(trainer, path: Path, state: dict) -> None:
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError) as error:
+        detail = str(error).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({detail}); "
+                              "resume with the config it was written with") from None
+    logger.info(f"resumed from {path.name} at iteration {trainer.iter}")
+
+
+def make_eval_report(tracker, class_names, split: str):
+    """``report(results, step)``: per-class accuracy of one evaluation as a figure and a table in MLflow."""
+    def report(results: dict, step: int) -> None:
+        accuracies = per_class_accuracy(results["confusion"])
+        name = f"per_class_accuracy/{split}_step_{step:08d}"
+        title = f"{split} accuracy per class at step {step} (overall {results['acc1']:.3f})"
+        tracker.log_figure(per_class_accuracy_figure(accuracies, class_names, title), f"{name}.png")
+        counts = results["confusion"].sum(dim=1).tolist()
+        tracker.log_table({"class": list(class_names), "accuracy": accuracies, "images": counts}, f"{name}.json")
+
+    return report
+
+
+def record_evaluation(tracker, record: RunRecord, split: str, results: dict, class_names) -> None:
+    """``--eval-only``: an MLflow run of its own with the loss, accuracy, per-class table and confusion matrix."""
+    start_tracker(tracker, record)
+    tracker.log_metrics([(f"{split}_loss", results["loss"], 0), (f"{split}_acc1", results["acc1"], 0)])
+    make_eval_report(tracker, class_names, split)(results, 0)
+    tracker.log_figure(confusion_matrix_figure(results["confusion"], class_names), "confusion_matrix.png")
+    end_tracker(tracker, "FINISHED")
+
+
+@contextmanager
+def stop_on_signals(trainer):
+    """SIGINT/SIGTERM/SIGUSR1: finish the step, checkpoint, stop. A second SIGINT interrupts at once."""
+    def request_stop(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        again = "; Ctrl+C again stops at once" if signum == signal.SIGINT else ""
+        logger.warning(f"{name} received: stopping after this step with a checkpoint{again}")
+        trainer.request_stop(name)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    else:
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
