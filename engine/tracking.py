@@ -126,6 +126,9 @@ class MLflowTracker:
         self._tags: dict = {}
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
         self._queue = _DeliveryQueue(self._deliver)
+        # Called on the delivery thread before each request to the store: a public seam for tests that need
+        # a slow store (tests/fault_utils.py); None in normal runs.
+        self.before_delivery = None
 
     # ---- run lifecycle -----------------------------------------------------------------------------------
     def start(self, params: dict, tags: dict | None = None, run_id: str | None = None) -> str | None:
@@ -269,6 +272,8 @@ class MLflowTracker:
 
     # ---- delivery (background thread) --------------------------------------------------------------------
     def _deliver(self, batch: list) -> None:
+        if self.before_delivery is not None:
+            self.before_delivery()
         self._ensure_run()
         kind = batch[0][0]
         if kind == "metric":

@@ -11,7 +11,7 @@ starts with ``fault:``)::
 
     FAULT_SLOW_STEP=0.3                  # seconds added to every training step ...
     FAULT_SLOW_STEPS=22                  # ... or only to these (comma-separated step numbers)
-    FAULT_SLOW_EVAL=2                    # seconds added before each epoch-end evaluation
+    FAULT_SLOW_EVAL=2                    # seconds added to each epoch end, after the evaluation
     FAULT_SLOW_SAVE=checkpoint_00000020.pth FAULT_SLOW_SAVE_SECONDS=2   # that save sits in fsync
     FAULT_SLOW_MLFLOW=30                 # each MLflow delivery (a slow server) waits that long first
     python tests/fault_utils.py --config-file config/digits.yaml KEY VALUE ...
@@ -371,74 +371,73 @@ def shared_reference_run(tmp_path_factory) -> ReferenceRun:
     return _shared_reference
 
 
-# ---- script mode: train_net.py with injected slowness -------------------------------------------------------
-def _run_train_net_with_injected_delays() -> None:
+# ---- script mode: train_net.py with faults injected through hooks -------------------------------------------
+def _run_train_net_with_injected_faults() -> None:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2 PID` prints where it is stuck
     sys.path.insert(0, str(REPO_ROOT))
-    from engine.hooks import EvalHook
-    from engine.tracking import MLflowTracker
-    from engine.trainer import Trainer
-
-    step_delay = float(os.environ.get("FAULT_SLOW_STEP") or 0)
-    slow_steps = {int(step) for step in os.environ.get("FAULT_SLOW_STEPS", "").split(",") if step}
-    eval_delay = float(os.environ.get("FAULT_SLOW_EVAL") or 0)
     slow_save = os.environ.get("FAULT_SLOW_SAVE", "")
     save_delay = float(os.environ.get("FAULT_SLOW_SAVE_SECONDS") or 0)
-    mlflow_delay = float(os.environ.get("FAULT_SLOW_MLFLOW") or 0)
-
-    def announce(message: str) -> None:  # to stderr, which the engine copies into log.txt
-        print(f"fault: {message}", file=sys.stderr, flush=True)
-
-    if step_delay:
-        run_step = Trainer.run_step
-
-        def slow_step(trainer, batches):
-            if not slow_steps or trainer.iter + 1 in slow_steps:
-                announce(f"step {trainer.iter + 1} starts, {step_delay:g} s slower")
-                time.sleep(step_delay)
-            return run_step(trainer, batches)
-
-        Trainer.run_step = slow_step
-    if eval_delay:
-        after_epoch = EvalHook.after_epoch
-
-        def slow_evaluation(hook):
-            announce(f"the evaluation at iteration {hook.trainer.iter} starts, {eval_delay:g} s slower")
-            time.sleep(eval_delay)
-            return after_epoch(hook)
-
-        EvalHook.after_epoch = slow_evaluation
     if slow_save:
         real_fsync = os.fsync
 
         def fsync(descriptor):  # the temporary file of that checkpoint stays unrenamed for save_delay seconds
             if os.readlink(f"/proc/self/fd/{descriptor}").rsplit("/", 1)[-1].startswith(f".{slow_save}."):
-                announce(f"writing {slow_save} takes {save_delay:g} s more")
+                _announce(f"writing {slow_save} takes {save_delay:g} s more")
                 time.sleep(save_delay)
             real_fsync(descriptor)
 
         os.fsync = fsync
-    if mlflow_delay:
-        deliver = MLflowTracker._deliver
-
-        def slow_delivery(tracker, batch):  # runs in the tracker's background thread
-            time.sleep(mlflow_delay)
-            return deliver(tracker, batch)
-
-        MLflowTracker._deliver = slow_delivery
     from tools.train_net import main
 
     sys.argv = [str(TRAIN_NET), *sys.argv[1:]]
     sys.exit(main(hooks=_hooks_from_the_environment()))
 
 
+def _announce(message: str) -> None:  # to stderr, which the engine copies into log.txt
+    print(f"fault: {message}", file=sys.stderr, flush=True)
+
+
 def _hooks_from_the_environment() -> list:
     import torch
 
     from engine.distributed import get_rank
-    from engine.hooks import HookBase
+    from engine.hooks import HookBase, MetricWriter
+
+    class SlowSteps(HookBase):
+        """Steps (all, or those numbered in ``steps``) start ``seconds`` late: a moment long enough to aim at."""
+
+        def __init__(self, seconds: float, steps: set[int]):
+            self.seconds, self.steps = seconds, steps
+
+        def before_step(self):
+            step = self.trainer.iter + 1
+            if not self.steps or step in self.steps:
+                _announce(f"step {step} starts, {self.seconds:g} s slower")
+                time.sleep(self.seconds)
+                _announce(f"step {step} runs")
+
+    class SlowEpochEnd(HookBase):
+        """Each epoch end takes ``seconds`` more, after the evaluation and before the epoch-end checkpoint."""
+
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+
+        def after_epoch(self):
+            _announce(f"the epoch end at iteration {self.trainer.iter} takes {self.seconds:g} s more")
+            time.sleep(self.seconds)
+
+    class SlowMLflow(HookBase):
+        """Every MLflow delivery waits ``seconds`` first (a slow store), through the tracker's public seam."""
+
+        def __init__(self, seconds: float):
+            self.seconds = seconds
+
+        def before_train(self):
+            for hook in self.trainer.hooks:
+                if isinstance(hook, MetricWriter) and hook.tracker is not None:
+                    hook.tracker.before_delivery = lambda: time.sleep(self.seconds)
 
     class PoisonWeights(HookBase):
         """Just before step ``step``, the weights of rank ``rank`` become NaN: its loss there is NaN."""
@@ -464,13 +463,21 @@ def _hooks_from_the_environment() -> list:
             with open(self.folder / f"noise_rank{rank}.txt", "a") as file:
                 file.write(f"{self.trainer.iter} {numbers}\n")
 
+    env = os.environ.get
     hooks = []
-    if os.environ.get("FAULT_NAN_AT_STEP"):
-        hooks.append(PoisonWeights(int(os.environ.get("FAULT_NAN_ON_RANK", "0")), int(os.environ["FAULT_NAN_AT_STEP"])))
-    if os.environ.get("FAULT_RANK_NOISE"):
-        hooks.append(RankNoise(os.environ["FAULT_RANK_NOISE"]))
+    if float(env("FAULT_SLOW_STEP") or 0):
+        steps = {int(step) for step in env("FAULT_SLOW_STEPS", "").split(",") if step}
+        hooks.append(SlowSteps(float(env("FAULT_SLOW_STEP")), steps))
+    if float(env("FAULT_SLOW_EVAL") or 0):
+        hooks.append(SlowEpochEnd(float(env("FAULT_SLOW_EVAL"))))
+    if float(env("FAULT_SLOW_MLFLOW") or 0):
+        hooks.append(SlowMLflow(float(env("FAULT_SLOW_MLFLOW"))))
+    if env("FAULT_NAN_AT_STEP"):
+        hooks.append(PoisonWeights(int(env("FAULT_NAN_ON_RANK", "0")), int(env("FAULT_NAN_AT_STEP"))))
+    if env("FAULT_RANK_NOISE"):
+        hooks.append(RankNoise(env("FAULT_RANK_NOISE")))
     return hooks
 
 
 if __name__ == "__main__":
-    _run_train_net_with_injected_delays()
+    _run_train_net_with_injected_faults()

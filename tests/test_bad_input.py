@@ -8,7 +8,6 @@ copy of the shared reference run; every attempt logs to the same MLflow store, i
 
 import hashlib
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,14 +172,11 @@ def test_cifar10_missing_without_network_names_the_cache_folder(train, earlier_r
     # A port nobody listens on: the download fails at once, as it does offline (never the real internet).
     monkeypatch.setattr(cifar10, "CIFAR10_URL", f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz")
     cache = tmp_path / "empty-cache"
-    started = time.monotonic()
-
     attempt = train(*QUICK, "DATA.DATASET_TYPE", "cifar10", "DATA.INPUT_DIM", "3", "DATA.CACHE_DIR", str(cache),
                     "DATA.CLASSES", str([str(n) for n in range(10)]))
 
     assert_one_error_line(attempt, f"CIFAR-10 was not found in {cache / 'cifar-10-batches-py'}",
                           "Connection refused", f"extract it into {cache}")
-    assert time.monotonic() - started < 30
     assert earlier_run.untouched()
 
 

@@ -21,8 +21,8 @@ from torch import nn
 from config import ConfigError
 from engine.distributed import module_to_evaluate, select_device, wrap_model
 from engine.tracking import MLflowTracker
-from engine.trainer import capture_rng_state, restore_rng_state
-from tools.run import configure_reproducibility
+from engine.rng import capture_rng_state, restore_rng_state
+from engine.run import configure_reproducibility
 from tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent

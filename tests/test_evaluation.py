@@ -22,7 +22,7 @@ from config.defaults import CIFAR10_CLASSES
 from datasets import build_datasets
 from engine.figures import confusion_matrix_figure
 from networks import build_model
-from tools.run import RUN_ID_FILE
+from engine.run import RUN_ID_FILE
 from tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

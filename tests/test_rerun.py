@@ -15,7 +15,8 @@ from conftest import isolated_training
 
 from config import load_config
 from engine.checkpoint import load_file
-from tools.run import RUN_ID_FILE, rerun_config
+from engine.run import RUN_ID_FILE
+from tools.rerun import rerun_config
 from tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -129,9 +129,10 @@ def crashed_run(tmp_path_factory, reference):
         run.kill_after(pause(0, 0.3))
         assert run.pointer() in ("checkpoint_00000032.pth", "checkpoint_00000036.pth")
 
-        # 5. At the end of epoch 2: its last step is done, its evaluation (made to last 3 s) is not.
+        # 5. At the end of epoch 2: its last step and evaluation are done, its checkpoint is not (the epoch end
+        #    is made to last 3 s more).
         run.start(slow_eval=3)
-        run.wait_for_log("fault: the evaluation at iteration 44 starts")
+        run.wait_for_log("fault: the epoch end at iteration 44 takes")
         run.kill_after(pause(0.1, 2.5))
         assert run.pointer() == "checkpoint_00000040.pth"  # the epoch-end checkpoint was never written
 

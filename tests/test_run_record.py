@@ -23,7 +23,8 @@ from conftest import isolated_training
 
 import tools.run_record
 from config import load_config
-from tools.run import RUN_ID_FILE, start_tracker
+from engine.run import RUN_ID_FILE, RunFolder, start_tracker
+from tools.build import build_run_record, make_tracker
 from tools.run_record import git_diff
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,10 @@ def record_of(tmp_path, store: str) -> tuple[mlflow.entities.Run, set[str]]:
     output_dir.mkdir()
     cfg = load_config(None, ["OUTPUT_DIR", str(output_dir), "MLFLOW.TRACKING_URI", store])
     with isolated_training(tmp_path):
-        tracker = start_tracker(cfg, output_dir, None, {}, torch.device("cpu"), 0)
+        folder = RunFolder(output_dir)
+        folder.write_config(cfg.dump())
+        tracker = make_tracker(cfg, folder)
+        start_tracker(tracker, build_run_record(cfg, torch.device("cpu"), 0, None, None, {}, "a checkout"))
         assert tracker.end("FINISHED")
     client = mlflow.MlflowClient(store)
     return client.get_run(tracker.run_id), {artifact.path for artifact in client.list_artifacts(tracker.run_id)}

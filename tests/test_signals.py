@@ -15,7 +15,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -89,12 +88,8 @@ def press_ctrl_c_twice(run: Story) -> None:
         wait_for_log(run.output_dir, "fault: step 1 starts", training)
         training.send(signal.SIGINT, group=True)  # ... ask to stop after this step, which lasts 2 minutes,
         wait_for_log(run.output_dir, "SIGINT received: stopping after this step", training)
-        pressed_again = time.monotonic()
         training.send(signal.SIGINT, group=True)  # ... and insist.
-        wait_for(lambda: "interrupted at once" in training.stderr, "the goodbye line", timeout=A_VERY_LONG_STEP)
-        run.facts["seconds to the goodbye line"] = time.monotonic() - pressed_again
         run.facts["exit code"] = training.wait(timeout=A_VERY_LONG_STEP)
-        run.facts["seconds to exit"] = training.ended_at - pressed_again
     run.note_the_aftermath()
 
 
@@ -213,12 +208,8 @@ def test_the_printed_resume_command_continues_the_run_from_the_repository_root(s
 
 def test_a_second_ctrl_c_leaves_at_once_without_a_checkpoint(stories):
     run = stories["twice"]
-    print(f"after the second Ctrl+C: {run.facts['seconds to the goodbye line']:.2f} s to the last line, "
-          f"{run.facts['seconds to exit']:.1f} s to the end of the process (the step would have taken "
-          f"{A_VERY_LONG_STEP:.0f} s)")
     assert run.facts["exit code"] == 130
-    assert run.facts["seconds to the goodbye line"] < 10  # MLflow gets 3 s to take the KILLED status
-    assert run.facts["seconds to exit"] < A_VERY_LONG_STEP / 2  # (Python's own exit can take seconds)
+    assert "fault: step 1 runs" not in run.facts["log"]  # it left during the long step, not after it
     goodbye, command = run.first.stderr.strip().splitlines()[-2:]
     assert goodbye == "interrupted at once; continue from the last checkpoint with (from the repository root):"
     assert command.endswith(f"OUTPUT_DIR {run.output_dir} --resume")

@@ -116,7 +116,7 @@ def test_after_a_nan_the_earlier_checkpoints_stay_loadable(tmp_path):
     checkpointer = Checkpointer(tmp_path, keep=10)
     writer = MetricWriter(tracker=None, period=100)
     trainer = make_trainer(make_split(48), batch_size=8, max_epochs=2,
-                           hooks=[PoisonBeforeIteration(8), writer, PeriodicCheckpointer(checkpointer, 1, writer)])
+                           hooks=[PoisonBeforeIteration(8), writer, PeriodicCheckpointer(checkpointer, 1)])
 
     with pytest.raises(FloatingPointError, match=r"iteration 8 \(epoch 2\)"):
         trainer.train()
