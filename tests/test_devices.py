@@ -20,9 +20,9 @@ from torch import nn
 
 from config import ConfigError
 from engine.distributed import module_to_evaluate, select_device, wrap_model
-from engine.tracking import MLflowTracker
 from engine.rng import capture_rng_state, restore_rng_state
 from engine.run import configure_reproducibility
+from engine.tracking import MLflowTracker
 from tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,8 +21,8 @@ from config import load_config
 from config.defaults import CIFAR10_CLASSES
 from datasets import build_datasets
 from engine.figures import confusion_matrix_figure
-from networks import build_model
 from engine.run import RUN_ID_FILE
+from networks import build_model
 from tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -25,9 +25,9 @@ from mlflow.entities import LoggedModelStatus
 
 from config import load_config
 from engine.checkpoint import load_file
+from engine.run import RUN_ID_FILE
 from networks import build_model
 from tools.build import build_data
-from engine.run import RUN_ID_FILE
 from tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
