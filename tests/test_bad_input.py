@@ -107,13 +107,6 @@ def test_a_missing_config_file(train, earlier_run):
     assert earlier_run.untouched()
 
 
-def test_a_yaml_syntax_error_names_the_file_and_line(train, earlier_run, tmp_path):
-    (tmp_path / "broken.yaml").write_text("TRAIN:\n  LR: 0.1\n  BATCH_SIZE: [64\n")
-    assert_one_error_line(train("--config-file", str(tmp_path / "broken.yaml")),
-                          f"malformed YAML in {tmp_path / 'broken.yaml'} at line")
-    assert earlier_run.untouched()
-
-
 def test_an_unknown_key_suggests_the_closest_one(train, earlier_run):
     assert_one_error_line(train(*QUICK, "TRAIN.LRR", "0.1"), "unknown config key TRAIN.LRR; did you mean TRAIN.LR?")
     assert earlier_run.untouched()

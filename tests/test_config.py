@@ -11,7 +11,7 @@ from yacs.config import CfgNode
 
 import datasets
 from config import ConfigError, flatten_config, get_default_config, load_config
-from datasets import DatasetError, build_datasets
+from datasets import build_datasets
 from datasets.synthetic import build_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,8 +125,23 @@ def test_the_cifer10_spelling_is_accepted_as_cifar10(monkeypatch):
 
 
 def test_an_unknown_dataset_type_lists_the_choices():
-    with pytest.raises(DatasetError, match="unknown DATA.DATASET_TYPE 'mnist'; choose one of cifar10, digits"):
+    with pytest.raises(ConfigError, match="unknown DATA.DATASET_TYPE 'mnist'; choose one of cifar10, digits"):
         build_datasets(load_config(None, ["DATA.DATASET_TYPE", "mnist"]))
+
+
+def test_every_registry_refuses_an_unknown_name_with_one_error_type_and_the_sorted_choices():
+    from datasets import DATASET_REGISTRY
+    from datasets.transforms import TRANSFORM_REGISTRY
+    from networks import MODEL_REGISTRY
+    from solvers.lr_schedulers import SCHEDULE_REGISTRY
+    from solvers.optimizers import OPTIMIZER_REGISTRY
+
+    for registry in (DATASET_REGISTRY, TRANSFORM_REGISTRY, MODEL_REGISTRY, SCHEDULE_REGISTRY, OPTIMIZER_REGISTRY):
+        with pytest.raises(ConfigError) as raised:
+            registry.lookup("no_such_name")
+        assert str(raised.value) == (f"unknown {registry.key} 'no_such_name'; choose one of "
+                                     f"{', '.join(sorted(registry))}")
+    assert DATASET_REGISTRY.lookup("cifer10") is DATASET_REGISTRY["cifar10"]  # the template's spelling
 
 
 # ---- user mistakes ---------------------------------------------------------------------------------------

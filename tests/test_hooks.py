@@ -15,7 +15,16 @@ from torch import nn
 from datasets.base import TensorSplit
 from datasets.batches import InMemoryBatches
 from datasets.transforms import BatchTransform, ToTensor
-from engine import Checkpointer, EvalHook, HookBase, LRScheduler, MetricWriter, PeriodicCheckpointer, Trainer
+from engine import (
+    BestCheckpointer,
+    Checkpointer,
+    EvalHook,
+    HookBase,
+    LRScheduler,
+    MetricWriter,
+    PeriodicCheckpointer,
+    Trainer,
+)
 from engine.hooks import is_period_end
 
 
@@ -157,12 +166,14 @@ def test_is_period_end_marks_every_period_and_the_last():
     assert [n for n in range(1, 11) if is_period_end(n, 0, 10)] == [10]
 
 
-def test_periodic_checkpointer_saves_every_period_and_at_epoch_ends(tmp_path):
+def test_periodic_checkpointer_saves_every_period_and_at_epoch_ends_and_the_best_checkpointer_the_best(tmp_path):
     trainer = tiny_trainer(max_epochs=2)
     accuracies = iter([0.5, 0.4])
+    checkpointer = Checkpointer(tmp_path, keep=10)
     trainer.register_hooks([
         EvalHook(lambda: {"loss": 1.0, "acc1": next(accuracies)}, period=1),
-        PeriodicCheckpointer(Checkpointer(tmp_path, keep=10), period=2),
+        BestCheckpointer(checkpointer),
+        PeriodicCheckpointer(checkpointer, period=2),
     ])
     trainer.train()
 

@@ -62,7 +62,7 @@ def test_the_optimizer_covers_every_parameter():
 
 
 def test_unknown_optimizer_or_schedule_names_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown TRAIN.OPTIMIZER_TYPE 'lion'; choose one of sgd, adam, adamw"):
+    with pytest.raises(ConfigError, match="unknown TRAIN.OPTIMIZER_TYPE 'lion'; choose one of adam, adamw, sgd"):
         build_optimizer(load_config(None, ["TRAIN.OPTIMIZER_TYPE", "lion"]), model())
     cfg = load_config(None, ["TRAIN.SCHEDULER_TYPE", "poly"])
     with pytest.raises(ConfigError, match="unknown TRAIN.SCHEDULER_TYPE 'poly'"):

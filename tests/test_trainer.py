@@ -159,3 +159,62 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
     assert resumed.iter == straight.iter == 9
     for key, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+# ---- the training loss is an argument -------------------------------------------------------------------------
+def test_a_loss_given_to_the_trainer_replaces_cross_entropy_with_soft_targets():
+    split = make_split(32)
+    smoothing = 0.2
+    smoothed = GradientRecorder()
+
+    def soft_target_loss(logits, labels):  # per-class probabilities, as label smoothing or mixup make them
+        targets = torch.full((len(labels), NUM_CLASSES), smoothing / NUM_CLASSES)
+        targets[torch.arange(len(labels)), labels] += 1 - smoothing
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    trainer = make_trainer(split, batch_size=16, accum_steps=2, hooks=[smoothed])
+    trainer.loss = soft_target_loss
+    trainer.train()
+
+    model = make_model()
+    images = split.images.float() / 255
+    nn.functional.cross_entropy(model(images), split.labels, label_smoothing=smoothing).backward()
+    for got, expected in zip(smoothed.gradients[0], [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_the_loss_is_a_constructor_argument_and_cross_entropy_by_default():
+    batches = InMemoryBatches(make_split(8), 4, BatchTransform([ToTensor()]), "cpu", shuffle=False, seed=0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    label_smoothing = nn.CrossEntropyLoss(reduction="sum", label_smoothing=0.1)
+    assert Trainer(model, optimizer, batches, 1, "cpu", loss=label_smoothing).loss is label_smoothing
+    default = Trainer(model, optimizer, batches, 1, "cpu").loss
+    logits, labels = torch.randn(4, NUM_CLASSES), torch.tensor([0, 1, 2, 0])
+    assert torch.equal(default(logits, labels), nn.functional.cross_entropy(logits, labels, reduction="sum"))
+
+
+# ---- hooks --------------------------------------------------------------------------------------------------------
+class CountsSteps(HookBase):
+    def __init__(self):
+        self.steps = 0
+
+    def after_step(self):
+        self.steps += 1
+
+
+def test_only_the_hook_methods_a_hook_overrides_are_called(monkeypatch):
+    counter = CountsSteps()
+    trainer = make_trainer(make_split(16), batch_size=4, hooks=[counter])
+    calls = []
+    monkeypatch.setattr(HookBase, "before_step", lambda self: calls.append(self))  # what a non-override would run
+    trainer.train()
+    assert counter.steps == 4 and calls == []
+
+
+def test_extra_checkpoint_state_is_passed_in_and_saved_as_it_is():
+    batches = InMemoryBatches(make_split(8), 4, BatchTransform([ToTensor()]), "cpu", shuffle=False, seed=0)
+    model = make_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), batches, 1, "cpu",
+                      checkpoint_extras={"config": "SEED: 1\n"})
+    assert trainer.state_dict()["config"] == "SEED: 1\n"
