@@ -17,6 +17,9 @@ from engine.logger import restore_streams
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_CONFIG = REPO_ROOT / "config" / "digits.yaml"
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "_MLFLOW_SERVER_ARTIFACT_ROOT")
+# A developer's own MLFLOW_TRACKING_URI must not receive the suite's runs: every test names its own store.
+for _name in MLFLOW_ENV:
+    os.environ.pop(_name, None)
 
 
 @contextlib.contextmanager
