@@ -137,7 +137,7 @@ class MetricWriter(HookBase):
     """
 
     TRAINING_VALUES = ("train_loss", "lr")
-    EPOCH_VALUES = ("val_loss", "val_acc1", "images_per_sec")
+    EPOCH_VALUES = ("val_loss", "val_acc1", "val_acc1_raw", "images_per_sec")  # _raw: with EMA (engine/ema.py)
 
     def __init__(self, tracker, period: int):
         self.tracker, self.period = tracker, period
@@ -268,8 +268,10 @@ class PeriodicCheckpointer(HookBase):
     no metric older than a checkpoint can be lost.
     """
 
-    def __init__(self, checkpointer, period: int, writer: MetricWriter | None = None, before_save=None):
+    def __init__(self, checkpointer, period: int, writer: MetricWriter | None = None, before_save=None,
+                 best_model=None):
         self.checkpointer, self.period, self.writer, self.before_save = checkpointer, period, writer, before_save
+        self.best_model = best_model  # saved as model_best.pth: the EMA's module with EMA, else the trained model
         self.best_acc1 = -math.inf
 
     def after_step(self):
@@ -286,7 +288,8 @@ class PeriodicCheckpointer(HookBase):
         fresh = latest.get("iteration") == self.trainer.iter  # evaluated this very model, not an older one
         if fresh and acc1 is not None and acc1 > self.best_acc1:
             self.best_acc1 = acc1
-            self.checkpointer.save_model("model_best.pth", self.trainer.unwrapped_model, wait=False)
+            best_model = self.best_model if self.best_model is not None else self.trainer.unwrapped_model
+            self.checkpointer.save_model("model_best.pth", best_model, wait=False)
         self._save()  # after the update above, so the checkpoint knows the best accuracy so far
 
     def after_train(self):

@@ -1,5 +1,6 @@
 """The training loop. The trainer owns the loop and one iteration (``run_step``); hooks do the rest."""
 
+import functools
 import io
 import logging
 import math
@@ -17,8 +18,10 @@ from engine.distributed import (
     get_rank,
     get_world_size,
     in_process_group,
+    unwrapped,
 )
 from engine.hooks import HookBase, TrainingInterrupted
+from engine.precision import autocast_runs_on, needs_grad_scaler
 
 logger = logging.getLogger("engine")
 
@@ -50,11 +53,16 @@ class Trainer:
 
     One iteration is one optimizer step over ``accum_steps`` consecutive batches. ``iter`` counts finished
     iterations; it is the MLflow step of every metric and the only position a checkpoint needs.
+
+    ``loss(logits, targets)`` returns the SUM of the per-sample losses over the batch (the step divides by the
+    samples of the whole step, so accumulation and DDP give the exact mean); targets are class indices or
+    per-class probabilities (mixup, cutmix). Default: cross-entropy, summed. ``amp_dtype``: the autocast type
+    of ``amp`` (float16 on CUDA only, with a GradScaler; bfloat16 on CUDA and the CPU, without one).
     """
 
     def __init__(self, model: nn.Module, optimizer, train_batches, max_epochs: int, device,
                  hooks: list[HookBase] = (), amp: bool = False, accum_steps: int = 1, clip_grad_norm: float = 0.0,
-                 stop_check_period: int = 1):
+                 stop_check_period: int = 1, loss=None, amp_dtype: torch.dtype = torch.float16):
         self.model, self.optimizer, self.train_batches = model, optimizer, train_batches
         self.device = torch.device(device)
         self.max_epochs, self.accum_steps, self.clip_grad_norm = max_epochs, accum_steps, clip_grad_norm
@@ -63,8 +71,9 @@ class Trainer:
         # checkpoint write): every step alone, less often under DDP to save a sync.
         self.stop_check_period = stop_check_period if in_process_group() else 1
         self._stop_reason: str | None = None
-        self.amp = amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.loss = loss or functools.partial(F.cross_entropy, reduction="sum")
+        self.amp, self.amp_dtype = amp and autocast_runs_on(self.device, amp_dtype), amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and needs_grad_scaler(amp_dtype))
         self.iters_per_epoch = math.ceil(len(train_batches) / accum_steps)
         self.max_iter = self.iters_per_epoch * max_epochs
         self.iter, self.epoch = 0, 0
@@ -89,8 +98,8 @@ class Trainer:
 
     @property
     def unwrapped_model(self) -> nn.Module:
-        """The plain module inside DataParallel / DistributedDataParallel."""
-        return getattr(self.model, "module", self.model)
+        """The plain module inside torch.compile's wrapper and DataParallel / DistributedDataParallel."""
+        return unwrapped(self.model)
 
     def train(self) -> None:
         logger.info(f"training for {self.max_epochs} epochs ({self.max_iter} iterations), starting at {self.iter}")
@@ -129,8 +138,8 @@ class Trainer:
         for position in range(len(micro_batches)):
             batch = next(batches)
             last = position == len(micro_batches) - 1
-            with self._maybe_no_sync(last), torch.autocast(self.device.type, torch.float16, enabled=self.amp):
-                loss = F.cross_entropy(self.model(batch.images), batch.labels, reduction="sum")
+            with self._maybe_no_sync(last), torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):
+                loss = self.loss(self.model(batch.images), batch.labels)
             loss = loss if loss.dtype == torch.float32 else loss.float()
             # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so
             # scaling by world_size makes the gradient the mean over the global step.

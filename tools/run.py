@@ -34,9 +34,10 @@ from engine.evaluation import evaluate, per_class_accuracy
 from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
 from engine.hooks import TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
+from engine.precision import AMP_DTYPES, autocast_runs_on
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
 from engine.tracking import MLflowTracker, make_client, resolve_tracking_uri
-from tools.build import build_data, build_network, build_trainer, check_names
+from tools.build import build_data, build_ema, build_network, build_trainer, check_names
 from tools.dataset_inputs import DatasetInputs
 from tools.run_record import collect_run_record, git_diff, installed_packages, redact_credentials
 
@@ -49,6 +50,7 @@ RESUME_MAY_CHANGE = {
     "DATA.PRETRANSFORM", "DATA.CACHE_DIR", "MODEL.WEIGHTS", "MLFLOW.TRACKING_URI", "MLFLOW.RUN_NAME", "LOG.PERIOD",
     "LOG.PROGRESS_BAR", "EVAL.PERIOD", "EVAL.SPLIT", "CHECKPOINT.PERIOD", "CHECKPOINT.KEEP", "MLFLOW.LOG_MODEL",
     "MLFLOW.SYSTEM_METRICS", "MLFLOW.REGISTER_MODEL",
+    "TRAIN.COMPILE",  # the same computation; compiled kernels may round differently (engine/compile.py)
 }
 
 
@@ -97,14 +99,17 @@ def _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, hooks, dev
     resumed = find_resume_point(cfg, checkpointer, output_dir) if resume else None
     folder.write_config(cfg)  # after the resume check: a refused resume leaves the old config.yaml
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
-    if cfg.TRAIN.AMP and device.type != "cuda":
-        logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32")
+    if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
+        logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 "
+                    "(TRAIN.AMP_DTYPE bfloat16 runs on the CPU)")
     data = build_data(cfg, device)
     model = build_network(cfg, device, num_gpus)
+    ema = build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated, and saved as model_best / model_final (None = off)
     tracker = make_tracker(cfg, output_dir) if main else None
     trainer = build_trainer(cfg, model, data, device, tracker, checkpointer,
                             before_save=tracker.snapshot_pending if tracker else None, extra_hooks=hooks,
-                            eval_report=make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker else None)
+                            eval_report=make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker else None,
+                            ema=ema)
     config_text = cfg.dump()  # the config is frozen: dumped once, not at every checkpoint (~9 ms)
     trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None,
                                          "config": config_text}
@@ -116,7 +121,7 @@ def _prepare_and_train(cfg, folder, checkpointer, resume, extra_tags, hooks, dev
         with stop_on_signals(trainer):
             trainer.train()
         run.stop_system_metrics()  # before the model is logged: MLflow would attach later samples to it
-        finish_training(cfg, trainer, data, tracker, checkpointer, device)
+        finish_training(cfg, trainer, data, tracker, checkpointer, device, ema)
         run.status = "FINISHED"
     except BaseException as error:
         run.ended_by(error)
@@ -173,16 +178,18 @@ class TrackedRun:
             logger.warning(f"upload later with: python tools/upload_pending.py {self.cfg.OUTPUT_DIR}")
 
 
-def finish_training(cfg, trainer, data, tracker, checkpointer, device) -> None:
-    """model_final.pth, the final confusion matrix, the test split, the model with its final metrics."""
-    model = trainer.unwrapped_model
+def finish_training(cfg, trainer, data, tracker, checkpointer, device, ema=None) -> None:
+    """model_final.pth, the final confusion matrix, the test split, the model with its final metrics: of the
+    EMA weights with ``ema``, else of the trained ones."""
+    model = ema.module if ema is not None else trainer.unwrapped_model
     final_path = checkpointer.save_model("model_final.pth", model)
     logger.info(f"saved {final_path}")
     final = trainer.latest_eval or {}
     if tracker is not None and "val_confusion" in final:
         tracker.log_figure(confusion_matrix_figure(final["val_confusion"], cfg.DATA.CLASSES), "confusion_matrix.png")
     if data.test is not None:
-        results = evaluate(model, data.test, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
+        results = evaluate(model, data.test, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
+                           AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
         logger.info(f"test_loss {results['loss']:.4f}  test_acc1 {results['acc1']:.4f}")
         if tracker is not None:
             tracker.log_metrics([("test_loss", results["loss"], trainer.iter),
@@ -242,7 +249,8 @@ def _evaluate_and_log(cfg, output_dir: Path, device, num_gpus) -> dict:
     if batches is None:
         raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
     model = build_network(cfg, device, num_gpus)
-    results = evaluate(module_to_evaluate(model), batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
+    results = evaluate(module_to_evaluate(model), batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
+                       AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
     split = cfg.EVAL.SPLIT
     logger.info(f"{split}_loss {results['loss']:.4f}  {split}_acc1 {results['acc1']:.4f}  "
                 f"({results['count']} images)")
@@ -394,6 +402,8 @@ def check_resume_config(cfg, saved_yaml: str, path: Path) -> None:
     allowed = set(RESUME_MAY_CHANGE)
     if cfg.TRAIN.SCHEDULER_TYPE == "cosine":
         allowed.discard("TRAIN.MAX_EPOCHS")  # the cosine schedule spans MAX_EPOCHS: changing it changes the LRs
+    if not cfg.TRAIN.AMP:
+        allowed.add("TRAIN.AMP_DTYPE")  # unused without AMP (and AMP itself may not change)
     changed = sorted(k for k in current if k not in allowed and k in saved and saved[k] != current[k])
     if changed:
         details = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed[:4])
