@@ -12,6 +12,9 @@ Modes, all run in this one process:
                       DATA.TRANSFORM_LIST to_tensor, normalize
   engine_no_mlflow    engine without a tracker
   engine_augment      engine with random_crop and random_horizontal_flip
+  engine_recipe       engine with the recipe's per-step extras: an EMA of the weights updated after every step,
+                      mixup and cutmix on every batch, label smoothing (TRAIN.EMA_DECAY, TRAIN.MIXUP_ALPHA,
+                      TRAIN.CUTMIX_ALPHA, TRAIN.LABEL_SMOOTHING)
   dataloader          engine reading the same images as PNG files (DATA.DATASET_TYPE image_folder,
                       DATA.NUM_WORKERS workers): the engine's DataLoader path
   torchvision_folder  torchvision.datasets.ImageFolder + DataLoader (ToTensor, Normalize in the workers) and the
@@ -52,14 +55,17 @@ from datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine.checkpoint import Checkpointer, atomic_write_bytes  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
 from engine.hooks import EvalHook, HookBase, MetricWriter, PeriodicCheckpointer, ProgressBar  # noqa: E402
-from tools.build import build_data, build_network, build_trainer  # noqa: E402
+from tools.build import build_data, build_ema, build_network, build_trainer  # noqa: E402
 from tools.run import configure_reproducibility, make_tracker, start_tracker  # noqa: E402
 
-MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "dataloader", "torchvision_folder")
+MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "engine_recipe", "dataloader", "torchvision_folder")
 AUGMENT = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]  # the usual CIFAR recipe order
+RECIPE = ["TRAIN.EMA_DECAY", "0.999", "TRAIN.MIXUP_ALPHA", "0.2", "TRAIN.CUTMIX_ALPHA", "1.0",
+          "TRAIN.LABEL_SMOOTHING", "0.1"]  # as in config/cifar10_resnet18.yaml
 TARGETS = (  # numerator, denominator, minimum ratio of images/s
     ("engine", "engine_no_mlflow", 0.98),
     ("engine_augment", "engine", 0.90),
+    ("engine_recipe", "engine", 0.90),
     ("dataloader", "torchvision_folder", 0.95),
     ("engine", "bare", 0.95),
 )
@@ -317,7 +323,7 @@ def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, w
     model = build_network(cfg, device, num_gpus)
     tracker = make_tracker(cfg, output_dir) if tracked else None
     trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(output_dir, keep=cfg.CHECKPOINT.KEEP),
-                            before_save=tracker.snapshot_pending if tracker else None)
+                            before_save=tracker.snapshot_pending if tracker else None, ema=build_ema(cfg, model))
     config_text = cfg.dump()
     trainer.checkpoint_extras = lambda: {"mlflow_run_id": tracker.run_id if tracker else None, "config": config_text}
     if tracker is not None:
@@ -424,6 +430,8 @@ def run_mode(workspace: Workspace, mode: str, with_costs: bool) -> RunResult:
         return run_engine(workspace, mode, folder_opts)
     if mode == "engine_augment":
         return run_engine(workspace, mode, ["DATA.TRANSFORM_LIST", repr(AUGMENT)])
+    if mode == "engine_recipe":
+        return run_engine(workspace, mode, RECIPE)
     return run_engine(workspace, mode, tracked=mode == "engine", with_costs=with_costs)
 
 
