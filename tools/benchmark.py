@@ -60,7 +60,7 @@ from tools.run import configure_reproducibility, make_tracker, start_tracker  # 
 
 MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "engine_recipe", "dataloader", "torchvision_folder")
 AUGMENT = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]  # the usual CIFAR recipe order
-RECIPE = ["TRAIN.EMA_DECAY", "0.999", "TRAIN.MIXUP_ALPHA", "0.2", "TRAIN.CUTMIX_ALPHA", "1.0",
+RECIPE = ["TRAIN.EMA_DECAY", "0.999", "TRAIN.MIXUP_ALPHA", "1.0", "TRAIN.CUTMIX_ALPHA", "1.0",
           "TRAIN.LABEL_SMOOTHING", "0.1"]  # as in config/cifar10_resnet18.yaml
 TARGETS = (  # numerator, denominator, minimum ratio of images/s
     ("engine", "engine_no_mlflow", 0.98),
