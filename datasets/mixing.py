@@ -52,19 +52,19 @@ class BatchMixing:
         targets = F.one_hot(labels, self.num_classes).float()
         if global_size != self.batch_size or len(labels) == 0:
             return images, targets
-        size = self.group_size
+        size, device = self.group_size, images.device
         cutmix, lam, centre = self._draws(epoch, batch_index, global_size // size, images.shape[2:])
         groups = slice(first_position // size, (first_position + len(labels)) // size)
-        partner = torch.arange(len(labels), device=labels.device).view(-1, size).roll(-1, dims=1).flatten()
+        lam, centre = lam[groups], centre[groups]
+        partner = torch.arange(len(labels), device=device).view(-1, size).roll(-1, dims=1).flatten()
         if cutmix:
-            mask, lam = _boxes(lam[groups], centre[groups], images.shape[2:])
-            images = torch.where(mask.to(images.device).repeat_interleave(size, 0), images[partner], images)
-        else:
-            lam = lam[groups]
-            lam_images = torch.from_numpy(lam).to(images.device, images.dtype).repeat_interleave(size)
-            images = images.lerp(images[partner], (1 - lam_images).view(-1, 1, 1, 1))
-        lam_targets = torch.from_numpy(lam).float().to(targets.device).repeat_interleave(size).view(-1, 1)
-        return images, targets.lerp(targets[partner], 1 - lam_targets)
+            lam, low, high = _boxes(lam, centre, images.shape[2:])
+            mask = _box_masks(_to_device(low, device), _to_device(high, device), images.shape[2:])
+            images = torch.where(_per_sample(mask, size), images[partner], images)
+        partner_share = _per_sample(_to_device((1 - lam).astype(np.float32), device), size)
+        if not cutmix:
+            images = images.lerp(images[partner], partner_share.view(-1, 1, 1, 1).to(images.dtype))
+        return images, targets.lerp(targets[partner], partner_share.view(-1, 1))
 
     def _draws(self, epoch: int, batch_index: int, groups: int, image_size):
         """Whether the batch is cut-mixed, and every group's lambda and box centre (row, column) in the batch."""
@@ -80,18 +80,35 @@ class BatchMixing:
 
 
 def _boxes(lam: np.ndarray, centre: np.ndarray, image_size):
-    """Per group, the box pasted ([groups, 1, H, W] bool) and lambda corrected to its area (torchvision's CutMix:
-    half-sides ``int(0.5 * sqrt(1 - lam) * side)`` around the centre, clipped to the image)."""
+    """Per group, lambda corrected to the box pasted, and the box's first and last-but-one (row, column)
+    (torchvision's CutMix: half-sides ``int(0.5 * sqrt(1 - lam) * side)`` around the centre, clipped)."""
     height, width = image_size
     half = np.floor(0.5 * np.sqrt(1.0 - lam)[:, None] * np.array([height, width])).astype(np.int64)
     low = np.clip(centre - half, 0, None)
     high = np.minimum(centre + half, [height, width])
-    lam = 1.0 - (high - low).prod(axis=1) / (height * width)
-    low, high = torch.from_numpy(low), torch.from_numpy(high)
-    rows, columns = torch.arange(height), torch.arange(width)
+    return 1.0 - (high - low).prod(axis=1) / (height * width), low, high
+
+
+def _box_masks(low: torch.Tensor, high: torch.Tensor, image_size) -> torch.Tensor:
+    """[groups, 1, H, W]: True inside each group's box, built on the boxes' device."""
+    rows, columns = (torch.arange(extent, device=low.device) for extent in image_size)
     inside_rows = (rows >= low[:, :1]) & (rows < high[:, :1])
     inside_columns = (columns >= low[:, 1:]) & (columns < high[:, 1:])
-    return (inside_rows[:, :, None] & inside_columns[:, None, :]).unsqueeze(1), lam
+    return (inside_rows[:, :, None] & inside_columns[:, None, :]).unsqueeze(1)
+
+
+def _per_sample(per_group: torch.Tensor, size: int) -> torch.Tensor:
+    """Each group's value repeated for its ``size`` samples (an expand: no host sync, unlike some repeats)."""
+    return per_group.unsqueeze(1).expand(-1, size, *per_group.shape[1:]).flatten(0, 1)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A few per-batch numbers on the device without waiting for it: a plain copy to CUDA from pageable
+    memory would synchronize the host with the GPU at every step; from pinned memory it is queued."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def build_mixing(cfg, world_size: int) -> BatchMixing | None:

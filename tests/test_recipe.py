@@ -102,6 +102,19 @@ def test_the_epochs_last_smaller_batch_is_not_mixed_and_gets_one_hot_targets():
     assert torch.equal(targets, F.one_hot(labels, CLASSES).float())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixing_on_a_gpu_never_makes_the_host_wait_for_it():
+    images, labels = (tensor.cuda() for tensor in a_batch())
+    mix = mixing()
+    mix(images, labels, 0, 0, 0, 16)  # the first call allocates (pinned memory included)
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        for batch_index in range(1, 6):  # mixup and cutmix batches
+            mix(images, labels, 0, batch_index, 0, 16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_the_group_is_the_largest_divisor_up_to_8_and_a_batch_without_one_is_refused():
     assert [mixing_group_size(share) for share in (128, 64, 32, 100, 63, 12)] == [8, 8, 8, 5, 7, 6]
     from tools.build import build_data
