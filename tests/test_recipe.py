@@ -192,6 +192,15 @@ def test_model_best_is_the_ema_of_the_best_ema_accuracy_and_model_final_the_last
     assert not torch.equal(raw["classifier.5.weight"], average["classifier.5.weight"])
 
 
+def test_a_checkpoint_given_as_model_weights_gives_its_ema_weights(recipe_run):
+    from tools.build import load_weights as load_model_weights
+
+    checkpoint = recipe_run["output_dir"] / f"checkpoint_{15 * 22:08d}.pth"
+    model = build_model(load_config(str(DIGITS_CONFIG)))
+    load_model_weights(model, str(checkpoint))
+    assert_same(model.state_dict(), load_weights(checkpoint)["hooks"]["EMAHook"]["model"])
+
+
 def assert_same(weights: dict, expected: dict) -> None:
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[name], expected[name]) for name in expected)

@@ -5,6 +5,7 @@ exactly what a user runs.
 """
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from engine.precision import AMP_DTYPES
 from engine.trainer import Trainer
 from networks import build_model
 from solvers import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("engine")
 
 
 def check_names(cfg) -> None:
@@ -98,14 +101,18 @@ def build_network(cfg, device, num_gpus: int) -> torch.nn.Module:
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a model_final.pth (plain state_dict) or a checkpoint (its ``model`` entry) into ``model``."""
+    """Load a model_final.pth (plain state_dict) or a checkpoint into ``model``: the checkpoint's EMA weights when
+    it holds them (as model_final.pth would), else its ``model`` entry."""
     try:
         state = load_file(path)
     except CheckpointError as error:
         raise CheckpointError(f"MODEL.WEIGHTS: {error}; give the path of a model_final.pth or checkpoint_*.pth "
                               "written by this engine") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+        average = (state.get("hooks") or {}).get("EMAHook", {}).get("model")
+        if average is not None:
+            logger.info(f"MODEL.WEIGHTS: the EMA weights of {path} (those its val_acc1 was measured on)")
+        state = state["model"] if average is None else average
     # Weights saved from a compiled model by other code carry torch.compile's prefix (this engine never writes it).
     torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "_orig_mod.")
     try:
