@@ -20,7 +20,7 @@ test: $(STAMP)  ## lint (Python, shell, Dockerfile), then the whole test suite
 	$(VENV)/bin/hadolint docker/Dockerfile
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 7 minutes on 2 CPU cores)
+bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 8 minutes on 2 CPU cores)
 	$(PY) tools/benchmark.py
 
 gpu-check: $(STAMP)  ## on a GPU machine, once: the CUDA paths (AMP, dp, NCCL, resume, ...), PASS/FAIL per line (~5 min)

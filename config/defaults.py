@@ -35,7 +35,10 @@ _C.TRAIN.STEP_SIZE = 5  # step_lr: multiply the LR by GAMMA every STEP_SIZE epoc
 _C.TRAIN.GAMMA = 0.1  # step_lr / multistep decay factor
 _C.TRAIN.MILESTONES = []  # multistep: epochs at which the LR is multiplied by GAMMA
 _C.TRAIN.WARMUP_EPOCHS = 0.0  # linear warmup from 0 to LR over this many epochs (per iteration); 0 = off
-_C.TRAIN.AMP = False  # CUDA only: fp16 autocast + GradScaler; ignored (with a log line) on the CPU
+# Mixed precision: autocast to TRAIN.AMP_DTYPE. float16 (the default) is CUDA only, with a GradScaler; on the
+# CPU it is ignored with a log line (float32). bfloat16 needs no GradScaler and runs on CUDA and the CPU.
+_C.TRAIN.AMP = False
+_C.TRAIN.AMP_DTYPE = "float16"  # float16 or bfloat16; a resume may change it only while TRAIN.AMP is off
 _C.TRAIN.CLIP_GRAD_NORM = 0.0  # clip the global gradient norm to this value; 0 = off
 _C.TRAIN.ACCUM_STEPS = 1  # gradient accumulation: batches per optimizer step; 1 = off
 # Deterministic kernels and cuDNN settings so a run (and a resumed run) gives the same bits.
@@ -43,6 +46,23 @@ _C.TRAIN.ACCUM_STEPS = 1  # gradient accumulation: batches per optimizer step; 1
 _C.TRAIN.DETERMINISTIC = True
 _C.TRAIN.SYNC_BN = False  # ddp only: convert BatchNorm layers to SyncBatchNorm
 _C.TRAIN.CHANNELS_LAST = False  # CUDA: channels_last memory format for model and batches
+# torch.compile of the model (inductor). Compiled once per input shape: the full batch and the epoch's last,
+# smaller one; evaluation runs the plain module. Saved weights never carry compile prefixes, and a resume may
+# switch it on or off (the compiled kernels may round differently from the plain ones).
+_C.TRAIN.COMPILE = False
+# The modern recipe. Each is off at 0 and bit for bit the same under --resume and any number of processes.
+# Exponential moving average of the weights after every optimizer step, with the warm-up
+# decay_t = min(EMA_DECAY, (1 + t) / (10 + t)) at update t; buffers (BatchNorm statistics) are copied.
+# With EMA on, evaluation (val_acc1, val_loss), model_best.pth, model_final.pth and the logged model are the
+# EMA weights'; the raw weights' are logged as val_acc1_raw and val_loss_raw. Typical: 0.999-0.9999.
+_C.TRAIN.EMA_DECAY = 0.0
+_C.TRAIN.LABEL_SMOOTHING = 0.0  # the training loss's targets: (1 - s) * target + s / classes; evaluation keeps 0
+# mixup (blend two images) and cutmix (paste a box of one into the other), with the targets mixed alike,
+# lambda ~ Beta(alpha, alpha). Both on: one of the two per batch, at random. Samples are paired within groups
+# of 8 (the largest divisor <= 8 of a process's share of the batch) of the global batch; the epoch's last,
+# smaller batch is not mixed. Draws are keyed by (SEED, epoch, batch): the same mixes resumed or on N processes.
+_C.TRAIN.MIXUP_ALPHA = 0.0  # typical 0.2 (CIFAR) - 0.8 (ImageNet)
+_C.TRAIN.CUTMIX_ALPHA = 0.0  # typical 1.0
 
 _C.DATA = CN()
 _C.DATA.CACHE_DIR = str(REPO_ROOT / ".data")  # where datasets are downloaded to and read from

@@ -12,6 +12,7 @@ RESUME_MAY_CHANGE = {
     "DATA.PRETRANSFORM", "DATA.CACHE_DIR", "MODEL.WEIGHTS", "MLFLOW.TRACKING_URI", "MLFLOW.RUN_NAME", "LOG.PERIOD",
     "LOG.PROGRESS_BAR", "EVAL.PERIOD", "EVAL.SPLIT", "CHECKPOINT.PERIOD", "CHECKPOINT.KEEP", "MLFLOW.LOG_MODEL",
     "MLFLOW.SYSTEM_METRICS", "MLFLOW.REGISTER_MODEL",
+    "TRAIN.COMPILE",  # the same computation; compiled kernels may round differently (engine/compile.py)
 }
 
 
@@ -23,6 +24,8 @@ def check_resume_config(cfg: CfgNode, saved_yaml: str, path: Path) -> None:
     allowed = set(RESUME_MAY_CHANGE)
     if cfg.TRAIN.SCHEDULER_TYPE == "cosine":
         allowed.discard("TRAIN.MAX_EPOCHS")  # the cosine schedule spans MAX_EPOCHS: changing it changes the LRs
+    if not cfg.TRAIN.AMP:
+        allowed.add("TRAIN.AMP_DTYPE")  # unused without AMP (and AMP itself may not change)
     changed = sorted(k for k in current if k not in allowed and k in saved and saved[k] != current[k])
     if changed:
         details = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed[:4])

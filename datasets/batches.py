@@ -5,7 +5,9 @@ batches of ``batch_size``; a process of rank ``r`` among ``world_size`` takes th
 batch. One process therefore sees exactly the batches that N processes see together, and a resumed run
 can start in the middle of an epoch by skipping ``start`` batches.
 
-Each yielded ``Batch`` holds transformed float images and labels on the training device.
+Each yielded ``Batch`` holds transformed float images and labels on the training device. A training source
+with ``mixing`` (datasets/mixing.py: mixup, cutmix) mixes them after the transform; its labels are then
+per-class probabilities.
 """
 
 import math
@@ -23,7 +25,7 @@ from datasets.transforms import BatchTransform
 @dataclass
 class Batch:
     images: torch.Tensor  # float [B, C, H, W] on the device
-    labels: torch.Tensor  # int64 [B] on the device
+    labels: torch.Tensor  # int64 [B] on the device; with mixing, float per-class probabilities [B, classes]
     global_size: int  # samples in the whole global batch (all ranks), for exact loss averaging
 
 
@@ -35,11 +37,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch
 
 
 class _BatchSource:
-    def __init__(self, num_samples, batch_size, transform, device, shuffle, seed, rank=0, world_size=1):
+    def __init__(self, num_samples, batch_size, transform, device, shuffle, seed, rank=0, world_size=1, mixing=None):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.transform, self.device = transform, torch.device(device)
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.mixing = mixing  # datasets.mixing.BatchMixing, or None
 
     def __len__(self) -> int:
         """Global batches per epoch (the last one may be smaller)."""
@@ -55,6 +58,14 @@ class _BatchSource:
             local = global_batch if self.world_size == 1 else global_batch.tensor_split(self.world_size)[self.rank]
             yield local, len(global_batch)
 
+    def _mix(self, images, labels, epoch: int, index: int, global_size: int):
+        """``mixing`` of this process's share of global batch ``index`` (which starts at ``first``, as cut by
+        ``tensor_split``); the batch as it is without mixing."""
+        if self.mixing is None:
+            return images, labels
+        first = self.rank * (global_size // self.world_size) + min(self.rank, global_size % self.world_size)
+        return self.mixing(images, labels, epoch, index, first, global_size)
+
 
 class InMemoryBatches(_BatchSource):
     """A split held as one tensor on the device, indexed and transformed a whole batch at a time.
@@ -66,8 +77,8 @@ class InMemoryBatches(_BatchSource):
 
     def __init__(self, split: TensorSplit, batch_size: int, transform: BatchTransform, device, shuffle: bool,
                  seed: int, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 pretransform: bool = True):
-        super().__init__(len(split), batch_size, transform, device, shuffle, seed, rank, world_size)
+                 pretransform: bool = True, mixing=None):
+        super().__init__(len(split), batch_size, transform, device, shuffle, seed, rank, world_size, mixing)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         fixed, rest = transform.split_fixed_prefix(example=self.images)
@@ -76,9 +87,10 @@ class InMemoryBatches(_BatchSource):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        for local, global_size in self._plan(epoch, start, self.device):
+        for index, (local, global_size) in enumerate(self._plan(epoch, start, self.device), start):
             images = self.transform(self.images[local], local, epoch)
-            yield Batch(images.contiguous(memory_format=self.memory_format), self.labels[local], global_size)
+            images, labels = self._mix(images, self.labels[local], epoch, index, global_size)
+            yield Batch(images.contiguous(memory_format=self.memory_format), labels, global_size)
 
 
 def apply_once(transform: BatchTransform, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -124,8 +136,9 @@ class LoaderBatches(_BatchSource):
     """A folder dataset decoded by DataLoader workers, then moved to the device and transformed in batches."""
 
     def __init__(self, dataset: Dataset, batch_size: int, transform: BatchTransform, device, shuffle: bool,
-                 seed: int, num_workers: int, rank: int = 0, world_size: int = 1, channels_last: bool = False):
-        super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size)
+                 seed: int, num_workers: int, rank: int = 0, world_size: int = 1, channels_last: bool = False,
+                 mixing=None):
+        super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size, mixing)
         self.planned = _PlannedBatches()
         workers = min(num_workers, os.cpu_count() or 1)
         self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
@@ -137,20 +150,21 @@ class LoaderBatches(_BatchSource):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         plan = list(self._plan(epoch, start, "cpu"))
         self.planned.batches = [local.tolist() for local, _ in plan]
-        for (images, labels, indices), (_, global_size) in zip(self.loader, plan, strict=True):
+        for index, ((images, labels, indices), (_, global_size)) in enumerate(zip(self.loader, plan, strict=True),
+                                                                            start):
             images = images.to(self.device, non_blocking=True)
             indices = indices.to(self.device, non_blocking=True)
             images = self.transform(images, indices, epoch)
-            yield Batch(images.contiguous(memory_format=self.memory_format),
-                        labels.to(self.device, non_blocking=True), global_size)
+            images, labels = self._mix(images, labels.to(self.device, non_blocking=True), epoch, index, global_size)
+            yield Batch(images.contiguous(memory_format=self.memory_format), labels, global_size)
 
 
 def build_batches(split, batch_size: int, transform: BatchTransform, device, shuffle: bool, seed: int,
                   num_workers: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                  pretransform: bool = True):
+                  pretransform: bool = True, mixing=None):
     """The right source for ``split``: in memory for a ``TensorSplit``, a DataLoader for anything else."""
     if isinstance(split, TensorSplit):
         return InMemoryBatches(split, batch_size, transform, device, shuffle, seed, rank, world_size, channels_last,
-                               pretransform)
+                               pretransform, mixing)
     return LoaderBatches(split, batch_size, transform, device, shuffle, seed, num_workers, rank, world_size,
-                         channels_last)
+                         channels_last, mixing)

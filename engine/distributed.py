@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from config import ConfigError
+from engine.compile import uncompiled
 
 logger = logging.getLogger("engine")
 
@@ -96,9 +97,17 @@ def wrap_model(model: nn.Module, device: torch.device, num_gpus: int, backend: s
     return model
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile's wrapper and DataParallel / DistributedDataParallel."""
+    model = uncompiled(model)
+    return getattr(model, "module", model)
+
+
 def module_to_evaluate(model: nn.Module) -> nn.Module:
     """What evaluation runs: the plain module inside DDP (each rank evaluates its own share of the batches,
-    with no collective per forward), but DataParallel as it is (it splits every batch over the GPUs)."""
+    with no collective per forward), but DataParallel as it is (it splits every batch over the GPUs). Never the
+    torch.compile wrapper: evaluation runs eagerly, so it triggers no compile (engine/compile.py)."""
+    model = uncompiled(model)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
     return model

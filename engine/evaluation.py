@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.distributed import all_reduce_sum
+from engine.precision import autocast_runs_on
 
 
 @torch.no_grad()
-def evaluate(model, batches, num_classes: int, device, amp: bool = False) -> dict:
+def evaluate(model, batches, num_classes: int, device, amp: bool = False, amp_dtype=torch.float16) -> dict:
     """Evaluate ``model`` on every batch of ``batches`` (a batch source, no shuffling).
 
     Under DDP each rank evaluates its share and the sums (of loss and of the confusion matrix, so of
@@ -20,7 +21,7 @@ def evaluate(model, batches, num_classes: int, device, amp: bool = False) -> dic
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     for batch in batches.epoch(0):
-        with torch.autocast(device.type, torch.float16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, amp_dtype, enabled=amp and autocast_runs_on(device, amp_dtype)):
             logits = model(batch.images)
         loss_sum += F.cross_entropy(logits.float(), batch.labels, reduction="sum").double()
         predicted = logits.argmax(dim=1)

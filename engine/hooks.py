@@ -154,7 +154,7 @@ class MetricWriter(HookBase):
     """
 
     TRAINING_VALUES = ("train_loss", "lr")
-    EPOCH_VALUES = ("val_loss", "val_acc1", "images_per_sec")
+    EPOCH_VALUES = ("val_loss", "val_acc1", "val_acc1_raw", "images_per_sec")  # _raw: with EMA (engine/ema.py)
 
     def __init__(self, tracker, period: int):
         self.tracker, self.period = tracker, period
@@ -280,8 +280,9 @@ class BestCheckpointer(HookBase):
     an epoch without one never counts). Registered before ``PeriodicCheckpointer``, so that a checkpoint of
     the same epoch knows the best accuracy so far."""
 
-    def __init__(self, checkpointer, metric: str = "val_acc1", filename: str = "model_best.pth"):
+    def __init__(self, checkpointer, metric: str = "val_acc1", filename: str = "model_best.pth", model=None):
         self.checkpointer, self.metric, self.filename = checkpointer, metric, filename
+        self.model = model  # what is saved: the EMA's module with EMA, else (None) the trained model
         self.best = -math.inf
 
     def after_epoch(self):
@@ -291,7 +292,8 @@ class BestCheckpointer(HookBase):
         if fresh and value is not None and value > self.best:
             self.trainer.flush_metrics()  # raises if the loss diverged: a diverged model is never "best"
             self.best = value
-            self.checkpointer.save_model(self.filename, self.trainer.unwrapped_model, wait=False)
+            model = self.model if self.model is not None else self.trainer.unwrapped_model
+            self.checkpointer.save_model(self.filename, model, wait=False)
 
     def state_dict(self):
         return {"best": self.best}

@@ -149,6 +149,7 @@ class FinalSteps:
     """What happens after the last epoch, besides model_final.pth."""
 
     class_names: list[str]
+    model: torch.nn.Module | None = None  # saved as model_final.pth and logged (default: the trainer's module)
     evaluate_test: Callable[[], dict] | None = None  # the test split's evaluation, where there is one
     model_name: str = "model"  # the logged model's name: what it is
     example_input: torch.Tensor | None = None  # a batch of two, for the logged model's signature
@@ -192,7 +193,8 @@ class TrainingRun:
     def _finish(self) -> None:
         """model_final.pth, the final confusion matrix, the test split, the model with its final metrics."""
         trainer, tracker, final = self.trainer, self.tracker, self.final
-        path = self.checkpointer.save_model("model_final.pth", trainer.unwrapped_model)
+        model = final.model if final.model is not None else trainer.unwrapped_model
+        path = self.checkpointer.save_model("model_final.pth", model)
         logger.info(f"saved {path}")
         latest = trainer.latest_eval or {}
         if tracker is not None and "val_confusion" in latest:
@@ -201,7 +203,7 @@ class TrainingRun:
         if final.evaluate_test is not None:
             self._evaluate_test()
         if tracker is not None and final.log_model and final.example_input is not None:
-            if tracker.log_model(trainer.unwrapped_model, final.example_input, name=final.model_name,
+            if tracker.log_model(model, final.example_input, name=final.model_name,
                                  step=trainer.iter, register_as=final.register_as):
                 logger.info(f"logged the model '{final.model_name}' to MLflow (mlflow.pytorch, pt2 format)")
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_reduce_sum, earliest_over_ranks, get_world_size, in_process_group
+from engine.distributed import all_reduce_sum, earliest_over_ranks, get_world_size, in_process_group, unwrapped
 from engine.hooks import HOOK_METHODS, HookBase, TrainingInterrupted
+from engine.precision import autocast_runs_on, needs_grad_scaler
 from engine.rng import gather_rng_states, restore_rng_state, rng_state_of_this_rank
 
 logger = logging.getLogger("engine")
@@ -81,15 +82,17 @@ class Trainer:
 
     ``loss(logits, targets)`` returns the loss summed over the batch (``reduction="sum"``; targets are class
     indices or per-class probabilities): the trainer divides by the samples of the whole step, so gradient
-    accumulation and DDP give the exact mean. ``checkpoint_extras`` are saved as they are in every checkpoint.
-    Public state for hooks: ``iter``, ``epoch``, ``max_iter``, ``iters_per_epoch``, ``storage``, ``latest_eval``
-    (the newest evaluation, set by ``EvalHook``), ``exception`` (what ended ``train``, if anything).
+    accumulation and DDP give the exact mean. ``amp_dtype``: the autocast type of ``amp`` (float16 on CUDA only,
+    with a GradScaler; bfloat16 on CUDA and the CPU, without one). ``checkpoint_extras`` are saved as they are
+    in every checkpoint. Public state for hooks: ``iter``, ``epoch``, ``max_iter``, ``iters_per_epoch``,
+    ``storage``, ``latest_eval`` (the newest evaluation, set by ``EvalHook``), ``exception`` (what ended
+    ``train``, if anything).
     """
 
     def __init__(self, model: nn.Module, optimizer, train_batches: BatchSource, max_epochs: int, device,
                  hooks: Iterable[HookBase] = (), loss: Callable | None = None, amp: bool = False,
                  accum_steps: int = 1, clip_grad_norm: float = 0.0, stop_check_period: int = 1,
-                 checkpoint_extras: dict | None = None):
+                 checkpoint_extras: dict | None = None, amp_dtype: torch.dtype = torch.float16):
         self.model, self.optimizer, self.train_batches = model, optimizer, train_batches
         self.loss = loss or cross_entropy_sum
         self.device = torch.device(device)
@@ -100,8 +103,8 @@ class Trainer:
         # checkpoint write): every step alone, less often under DDP to save a sync.
         self.stop_check_period = stop_check_period if in_process_group() else 1
         self._stop_reason: str | None = None
-        self.amp = amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.amp, self.amp_dtype = amp and autocast_runs_on(self.device, amp_dtype), amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and needs_grad_scaler(amp_dtype))
         self.iters_per_epoch = math.ceil(len(train_batches) / accum_steps)
         self.max_iter = self.iters_per_epoch * max_epochs
         self.iter, self.epoch = 0, 0
@@ -133,8 +136,8 @@ class Trainer:
 
     @property
     def unwrapped_model(self) -> nn.Module:
-        """The plain module inside DataParallel / DistributedDataParallel."""
-        return getattr(self.model, "module", self.model)
+        """The plain module inside torch.compile's wrapper and DataParallel / DistributedDataParallel."""
+        return unwrapped(self.model)
 
     def train(self) -> None:
         logger.info(f"training for {self.max_epochs} epochs ({self.max_iter} iterations), starting at {self.iter}")
@@ -177,7 +180,7 @@ class Trainer:
         for position in range(len(micro_batches)):
             batch = next(batches)
             last = position == len(micro_batches) - 1
-            with self._maybe_no_sync(last), torch.autocast(self.device.type, torch.float16, enabled=self.amp):
+            with self._maybe_no_sync(last), torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):
                 loss = self.loss(self.model(batch.images), batch.labels)
             loss = loss if loss.dtype == torch.float32 else loss.float()
             # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so

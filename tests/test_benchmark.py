@@ -30,7 +30,8 @@ def test_every_mode_is_in_the_table_and_the_last_line_is_the_engine_bare_ratio(t
     lines = result.stdout.splitlines()
     for mode in MODES:  # mode, images/s, ratio to bare, median epoch seconds, ...
         assert any(re.match(rf"^{mode}\s+\d+\.\d\s+\d+\.\d\d\s+\d+\.\d\d\s", line) for line in lines), mode
-    for ratio in ("engine/engine_no_mlflow", "engine_augment/engine", "dataloader/torchvision_folder"):
+    for ratio in ("engine/engine_no_mlflow", "engine_augment/engine", "engine_recipe/engine",
+                  "dataloader/torchvision_folder"):
         assert any(re.match(rf"^\s+{ratio}\s+\d+\.\d\d\s", line) for line in lines), ratio
     assert any("checkpoint at the epoch end" in line for line in lines)
     assert any("metric flush" in line for line in lines)

@@ -12,6 +12,9 @@ Modes, all run in this one process:
                       DATA.TRANSFORM_LIST to_tensor, normalize
   engine_no_mlflow    engine without a tracker
   engine_augment      engine with random_crop and random_horizontal_flip
+  engine_recipe       engine with the recipe's per-step extras: an EMA of the weights updated after every step,
+                      mixup and cutmix on every batch, label smoothing (TRAIN.EMA_DECAY, TRAIN.MIXUP_ALPHA,
+                      TRAIN.CUTMIX_ALPHA, TRAIN.LABEL_SMOOTHING)
   dataloader          engine reading the same images as PNG files (DATA.DATASET_TYPE image_folder,
                       DATA.NUM_WORKERS workers): the engine's DataLoader path
   torchvision_folder  torchvision.datasets.ImageFolder + DataLoader (ToTensor, Normalize in the workers) and the
@@ -53,13 +56,23 @@ from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
 from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  # noqa: E402
 from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
-from tools.build import build_data, build_model_for_training, build_run_record, build_trainer, make_tracker  # noqa: E402
+from tools.build import (  # noqa: E402
+    build_data,
+    build_ema,
+    build_model_for_training,
+    build_run_record,
+    build_trainer,
+    make_tracker,
+)
 
-MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "dataloader", "torchvision_folder")
+MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "engine_recipe", "dataloader", "torchvision_folder")
 AUGMENT = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]  # the usual CIFAR recipe order
+RECIPE = ["TRAIN.EMA_DECAY", "0.999", "TRAIN.MIXUP_ALPHA", "1.0", "TRAIN.CUTMIX_ALPHA", "1.0",
+          "TRAIN.LABEL_SMOOTHING", "0.1"]  # as in config/cifar10_resnet18.yaml
 TARGETS = (  # numerator, denominator, minimum ratio of images/s
     ("engine", "engine_no_mlflow", 0.98),
     ("engine_augment", "engine", 0.90),
+    ("engine_recipe", "engine", 0.90),
     ("dataloader", "torchvision_folder", 0.95),
     ("engine", "bare", 0.95),
 )
@@ -314,7 +327,8 @@ def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, w
     data = build_data(cfg, device)
     model = build_model_for_training(cfg, device, num_gpus)
     tracker = make_tracker(cfg, folder) if tracked else None
-    trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(folder.path, keep=cfg.CHECKPOINT.KEEP))
+    trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(folder.path, keep=cfg.CHECKPOINT.KEEP),
+                            ema=build_ema(cfg, model))
     if tracker is not None:
         record = build_run_record(cfg, device, num_gpus, data, tracker, {"benchmark_mode": mode})
         start_tracker(tracker, record)
@@ -419,6 +433,8 @@ def run_mode(workspace: Workspace, mode: str, with_costs: bool) -> RunResult:
         return run_engine(workspace, mode, folder_opts)
     if mode == "engine_augment":
         return run_engine(workspace, mode, ["DATA.TRANSFORM_LIST", repr(AUGMENT)])
+    if mode == "engine_recipe":
+        return run_engine(workspace, mode, RECIPE)
     return run_engine(workspace, mode, tracked=mode == "engine", with_costs=with_costs)
 
 

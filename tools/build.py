@@ -4,19 +4,26 @@
 exactly what a user runs.
 """
 
+import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from config import ConfigError, flatten_config
 from datasets import DatasetSplits, build_datasets
 from datasets.batches import build_batches
+from datasets.mixing import build_mixing
 from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
-from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, wrap_model
+from engine.compile import compile_model
+from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
+from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
+from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord, make_eval_report
 from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
@@ -24,6 +31,8 @@ from networks import build_model
 from solvers import build_lr_scheduler, build_optimizer
 from tools.dataset_inputs import DatasetInputs
 from tools.run_record import collect_run_record, git_diff, installed_packages
+
+logger = logging.getLogger("engine")
 
 
 def check_names(cfg) -> None:
@@ -60,6 +69,7 @@ def build_data(cfg, device) -> Data:
     splits = build_datasets(cfg)
     if rank == 0:
         barrier()
+    mixing = build_mixing(cfg, world_size)  # mixup / cutmix of the training batches (None = off)
 
     def batches(split, train):
         if split is None:
@@ -67,32 +77,44 @@ def build_data(cfg, device) -> Data:
         transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=train)
         return build_batches(split, cfg.TRAIN.BATCH_SIZE, transform, device, shuffle=train, seed=cfg.SEED,
                              num_workers=cfg.DATA.NUM_WORKERS, rank=rank, world_size=world_size,
-                             channels_last=cfg.TRAIN.CHANNELS_LAST, pretransform=cfg.DATA.PRETRANSFORM)
+                             channels_last=cfg.TRAIN.CHANNELS_LAST, pretransform=cfg.DATA.PRETRANSFORM,
+                             mixing=mixing if train else None)
 
     return Data(splits, batches(splits.train, True), batches(splits.val, False), batches(splits.test, False))
 
 
 def build_model_for_training(cfg, device, num_gpus: int) -> torch.nn.Module:
     """The model of TRAIN.MODEL_TYPE with the initial weights of ``MODEL.WEIGHTS`` (if set), on ``device``,
-    wrapped in DataParallel / DistributedDataParallel as the backend asks."""
+    wrapped in DataParallel / DistributedDataParallel as the backend asks, and compiled (the wrapper,
+    outermost) with ``TRAIN.COMPILE``."""
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         load_weights(model, cfg.MODEL.WEIGHTS)
     model = model.to(device)
     if cfg.TRAIN.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
-    return wrap_model(model, device, num_gpus, cfg.TRAIN.DISTRIBUTED_BACKEND, sync_bn=cfg.TRAIN.SYNC_BN)
+    model = wrap_model(model, device, num_gpus, cfg.TRAIN.DISTRIBUTED_BACKEND, sync_bn=cfg.TRAIN.SYNC_BN)
+    if cfg.TRAIN.COMPILE and isinstance(model, torch.nn.DataParallel):
+        raise ConfigError(f"TRAIN.COMPILE does not support DataParallel over {num_gpus} GPUs; use torchrun with "
+                          "TRAIN.DISTRIBUTED_BACKEND ddp, one GPU (TRAIN.GPUS 1), or TRAIN.COMPILE False")
+    return compile_model(model) if cfg.TRAIN.COMPILE else model
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a model_final.pth (plain state_dict) or a checkpoint (its ``model`` entry) into ``model``."""
+    """Load a model_final.pth (plain state_dict) or a checkpoint into ``model``: the checkpoint's EMA weights when
+    it holds them (as model_final.pth would), else its ``model`` entry."""
     try:
         state = load_file(path)
     except CheckpointError as error:
         raise CheckpointError(f"MODEL.WEIGHTS: {error}; give the path of a model_final.pth or checkpoint_*.pth "
                               "written by this engine") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+        average = (state.get("hooks") or {}).get("EMAHook", {}).get("model")
+        if average is not None:
+            logger.info(f"MODEL.WEIGHTS: the EMA weights of {path} (those its val_acc1 was measured on)")
+        state = state["model"] if average is None else average
+    # Weights saved from a compiled model by other code carry torch.compile's prefix (this engine never writes it).
+    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state, "_orig_mod.")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -101,33 +123,65 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                               f"'{model.__class__.__name__}': {detail}") from None
 
 
+def build_ema(cfg, model) -> ModelEMA | None:
+    """The moving average of ``model``'s weights with ``TRAIN.EMA_DECAY`` (None when 0); hand it to
+    ``build_trainer`` and use its ``module`` as the trained model (model_final.pth, test, the logged model)."""
+    if cfg.TRAIN.EMA_DECAY == 0:
+        return None
+    return ModelEMA(unwrapped(model), cfg.TRAIN.EMA_DECAY)
+
+
+def build_loss(cfg):
+    """The training loss: cross-entropy summed over the batch, on class indices or mixed (soft) targets, with
+    ``TRAIN.LABEL_SMOOTHING``. Evaluation keeps plain cross-entropy."""
+    return functools.partial(F.cross_entropy, reduction="sum", label_smoothing=cfg.TRAIN.LABEL_SMOOTHING)
+
+
+def build_evaluation(cfg, model, data: Data, device, ema: ModelEMA | None = None):
+    """``evaluate() -> results`` on the validation split: of the EMA weights with ``ema``, plus the raw weights'
+    ``loss_raw`` and ``acc1_raw`` (logged as val_loss_raw, val_acc1_raw)."""
+    num_classes, amp, amp_dtype = len(cfg.DATA.CLASSES), cfg.TRAIN.AMP, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]
+    raw_model = module_to_evaluate(model)
+
+    def evaluate_models() -> dict:
+        results = evaluate(ema.module if ema else raw_model, data.val, num_classes, device, amp, amp_dtype)
+        if ema is not None:
+            raw = evaluate(raw_model, data.val, num_classes, device, amp, amp_dtype)
+            results.update(loss_raw=raw["loss"], acc1_raw=raw["acc1"])
+        return results
+
+    return evaluate_models
+
+
 def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, extra_hooks=(),
-                  loss=None) -> Trainer:
+                  loss=None, ema: ModelEMA | None = None) -> Trainer:
     """The trainer with the built-in hooks, in the order they must run (see engine/hooks.py).
 
     ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointers, so a
     checkpoint holds their state as of the same step. ``tracker`` (an MLflowTracker, or None on other ranks)
-    receives the metrics; ``checkpointer`` (None = no checkpoints) saves the state.
+    receives the metrics; ``checkpointer`` (None = no checkpoints) saves the state. ``loss``: yours, or
+    cross-entropy with ``TRAIN.LABEL_SMOOTHING``. ``ema`` (``build_ema``) is updated after every step,
+    evaluated, and saved as model_best.pth.
     """
     optimizer = build_optimizer(cfg, model)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
-    eval_model, num_classes = module_to_evaluate(model), len(cfg.DATA.CLASSES)
     report = make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker is not None else None
     hooks = [
+        *([EMAHook(ema)] if ema is not None else []),  # first: every other hook sees the average of this step
         engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
         engine_hooks.EpochTimer(len(data.splits.train)),
-        engine_hooks.EvalHook(lambda: evaluate(eval_model, data.val, num_classes, device, cfg.TRAIN.AMP),
-                              cfg.EVAL.PERIOD, report=report),
+        engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD, report=report),
         engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD),
         *extra_hooks,
     ]
     if checkpointer is not None:
-        hooks += [engine_hooks.BestCheckpointer(checkpointer),
+        hooks += [engine_hooks.BestCheckpointer(checkpointer, model=ema.module if ema is not None else None),
                   engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD,
                                                     before_write=tracker.save_pending if tracker else None)]
     hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0))
-    return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks, loss=loss,
-                   amp=cfg.TRAIN.AMP, accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
+    return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks,
+                   loss=loss or build_loss(cfg), amp=cfg.TRAIN.AMP, amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
+                   accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
                    stop_check_period=cfg.LOG.PERIOD, checkpoint_extras={"config": cfg.dump()})
 
 
@@ -161,13 +215,15 @@ def run_description(cfg, data: Data) -> str:
             f"batch {cfg.TRAIN.BATCH_SIZE}. Files: {cfg.OUTPUT_DIR}")
 
 
-def build_final_steps(cfg, data: Data, eval_model, device) -> FinalSteps:
-    num_classes = len(cfg.DATA.CLASSES)
+def build_final_steps(cfg, data: Data, final_model, device) -> FinalSteps:
+    """``final_model``: the weights of model_final.pth, the test split and the logged model (the EMA's with
+    TRAIN.EMA_DECAY, else the trained ones)."""
+    num_classes, amp_dtype = len(cfg.DATA.CLASSES), AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]
     evaluate_test = None
     if data.test is not None:
         def evaluate_test():
-            return evaluate(eval_model, data.test, num_classes, device, cfg.TRAIN.AMP)
+            return evaluate(final_model, data.test, num_classes, device, cfg.TRAIN.AMP, amp_dtype)
     example = next(iter(data.val.epoch(0))).images[:2].float().cpu() if cfg.MLFLOW.LOG_MODEL else None
-    return FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test,
+    return FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test, model=final_model,
                       model_name=f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}", example_input=example,
                       log_model=cfg.MLFLOW.LOG_MODEL, register_as=cfg.MLFLOW.REGISTER_MODEL)

@@ -17,9 +17,11 @@ from engine.checkpoint import Checkpointer, CheckpointError
 from engine.distributed import is_main_process, module_to_evaluate, process_group, select_device
 from engine.evaluation import evaluate
 from engine.hooks import TrainingInterrupted
+from engine.precision import AMP_DTYPES, autocast_runs_on
 from engine.run import RunFolder, TrainingRun, configure_reproducibility, find_resume_point, record_evaluation
 from tools.build import (
     build_data,
+    build_ema,
     build_final_steps,
     build_model_for_training,
     build_run_record,
@@ -73,14 +75,15 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
         if resume else None
     folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
-    if cfg.TRAIN.AMP and device.type != "cuda":
-        logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32")
+    if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
+        logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 (bfloat16 runs on the CPU)")
     data = build_data(cfg, device)
     model = build_model_for_training(cfg, device, num_gpus)
+    ema = build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated, and saved as model_best / model_final (None = off)
     tracker = make_tracker(cfg, folder) if is_main_process() else None
-    built["trainer"] = trainer = build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss)
+    built["trainer"] = trainer = build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss, ema)
     record = build_run_record(cfg, device, num_gpus, data, tracker, extra_tags)
-    final = build_final_steps(cfg, data, module_to_evaluate(model), device)
+    final = build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device)
     TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, folder.previous_run_id(resumed))
 
 
@@ -100,7 +103,8 @@ def evaluate_only(cfg) -> dict:
             if batches is None:
                 raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
             model = module_to_evaluate(build_model_for_training(cfg, device, num_gpus))
-            results = evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP)
+            results = evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
+                               AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
         except BaseException:
             folder.discard_if_unused(started=False)
             raise

@@ -17,6 +17,7 @@ import torch
 
 from config.defaults import REPO_ROOT
 from engine.distributed import get_world_size, in_process_group
+from engine.precision import AMP_DTYPES, autocast_runs_on
 from engine.tracking import redact_credentials
 
 MAX_UNTRACKED_BYTES = 1 << 20  # a larger untracked file is named in the patch, not copied into it
@@ -51,6 +52,7 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
         "device": _device_names(device, num_gpus),
         "world_size": str(get_world_size()),
         "distributed_backend": torch.distributed.get_backend() if in_process_group() else "none",
+        "amp_dtype": _autocast_type(cfg, device),
         "host": platform.node(),
     }
     if commit:
@@ -58,6 +60,12 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
         record["git_branch"] = _git("rev-parse", "--abbrev-ref", "HEAD") or ""
         record["git_dirty"] = str(bool(status))
     return record
+
+
+def _autocast_type(cfg, device) -> str:
+    """The autocast type training runs in (TRAIN.AMP, TRAIN.AMP_DTYPE), or float32 without autocast."""
+    dtype = AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]
+    return cfg.TRAIN.AMP_DTYPE if cfg.TRAIN.AMP and autocast_runs_on(device, dtype) else "float32"
 
 
 def git_diff(repo: Path | None = None) -> str:
