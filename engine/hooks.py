@@ -213,7 +213,9 @@ class MetricWriter(HookBase):
 
 def _format_value(name: str, value: float) -> str:
     if name == "images_per_sec":
-        return f"{value:.0f} images/s"
+        return f"{value:.0f} img/s"
+    if name.endswith("_raw"):  # with EMA: the trained weights' value beside the average's
+        return f"raw {value:.4g}"
     return f"{name} {value:.4g}" if math.isfinite(value) else f"{name} {value}"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 _bar = None  # the tqdm bar on the terminal, if any (set by the ProgressBar hook)
 _bar_lock = threading.RLock()
 LINE_FORMAT = "[%(asctime)s] %(message)s"
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+TIME_FORMAT = "%m-%d %H:%M:%S"  # month-day: console lines stay within 100 columns
 
 
 def attach_progress_bar(bar) -> None:

@@ -88,10 +88,11 @@ def delivered_steps(tracking_uri, key: str) -> int:
 
 
 def seconds_between(log: str, first: str, last: str) -> float:
-    """Seconds between the log lines containing ``first`` and ``last`` (log.txt stamps whole seconds)."""
+    """Seconds between the log lines containing ``first`` and ``last`` (log.txt stamps month, day and whole
+    seconds; a year is added to parse them)."""
     def stamp(text):
         line = next(line for line in log.splitlines() if text in line)
-        return time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S"))
+        return time.mktime(time.strptime(f"2000-{line[1:15]}", "%Y-%m-%d %H:%M:%S"))
     return stamp(last) - stamp(first)
 
 

@@ -15,11 +15,11 @@ from fault_utils import load_weights, metric_history, runs_of
 from torch import nn
 
 from config import ConfigError, load_config
+from config.resume import check_resume_config
 from datasets.mixing import BatchMixing, mixing_group_size
 from engine.ema import ModelEMA
 from engine.hooks import HookBase
 from networks import build_model
-from config.resume import check_resume_config
 from tools.train_net import main
 
 RECIPE = ["TRAIN.EMA_DECAY", "0.99", "TRAIN.LABEL_SMOOTHING", "0.1", "TRAIN.MIXUP_ALPHA", "0.2",
@@ -182,7 +182,7 @@ def test_model_best_is_the_ema_of_the_best_ema_accuracy_and_model_final_the_last
     output_dir, accuracies = recipe_run["output_dir"], recipe_run["history"]("val_acc1")
     best_step, best = max(accuracies, key=lambda item: (item[1], -item[0]))  # the first of the best
     best_checkpoint = load_weights(output_dir / f"checkpoint_{best_step:08d}.pth")
-    assert best_checkpoint["hooks"]["PeriodicCheckpointer"]["best_acc1"] == best
+    assert best_checkpoint["hooks"]["BestCheckpointer"]["best"] == best
     assert_same(load_weights(output_dir / "model_best.pth"), best_checkpoint["hooks"]["EMAHook"]["model"])
 
     last = load_weights(output_dir / f"checkpoint_{15 * 22:08d}.pth")
