@@ -81,8 +81,8 @@ def trainings(tmp_path_factory):
         chain.kill_after_log("saved checkpoint checkpoint_00000008.pth", pause(0.05, 0.3))
         chain.start(slow_step=0.1, slow_steps=range(29, 37))  # kill 2: mid-epoch 2, after checkpoint 28
         chain.kill_after_log("saved checkpoint checkpoint_00000028.pth", pause(0.05, 0.3))
-        chain.start(slow_eval=3)  # kill 3: during the evaluation at the end of epoch 2
-        chain.kill_after_log("fault: the evaluation at iteration 44 starts", pause(0.2, 2.0))
+        chain.start(slow_eval=3)  # kill 3: at the end of epoch 2, evaluated but not yet checkpointed
+        chain.kill_after_log("fault: the epoch end at iteration 44 takes", pause(0.2, 2.0))
         chain.start()
         codes = {"chain": chain.finish(), "reference": reference.wait(WAIT),
                  "ddp": ddp.wait(time.monotonic() + WAIT)}
