@@ -44,17 +44,6 @@ def isolated_training(workdir: Path):
                 os.environ[name] = value
 
 
-# Modules that share a session fixture worth computing once run on the same pytest-xdist worker; every other
-# module is a group of its own (the same as --dist loadfile).
-SHARED_GROUPS = {"test_end_to_end": "digits_run", "test_first_hour": "digits_run"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
-
-
 @pytest.fixture
 def run_dir(tmp_path):
     """A scratch folder (the cwd during the test) with ``output/`` and an MLflow store ``store/mlflow.db``."""
