@@ -4,8 +4,11 @@ The digits run (``config/digits.yaml``, ~15 s) is trained once per session by ``
 in conftest.py; each test below reads one aspect of it back.
 """
 
+import json
 import logging
 import math
+import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -20,6 +23,7 @@ from engine.checkpoint import Checkpointer, load_file
 from engine.evaluation import evaluate
 from engine.logger import restore_streams, setup_logging
 from networks import build_model
+from tools.dataset_inputs import split_digest
 from tools.train_net import main
 
 DIGITS_YAML = str(Path(__file__).resolve().parent.parent / "config" / "digits.yaml")
@@ -118,6 +122,84 @@ def test_the_newest_checkpoints_are_kept_and_hold_the_final_model(digits):
     assert path.name == expected[-1] and state["iteration"] == max_iter
     final = load_file(digits["output_dir"] / "model_final.pth")
     assert all(torch.equal(final[key], state["model"][key]) for key in final)
+
+
+# ---- where the files are, system metrics, the data as inputs, the model ---------------------------------
+def test_the_run_says_where_its_files_are(digits, tmp_path):
+    output_dir = str(digits["output_dir"].resolve())
+    run = digits["run"]
+    assert run.data.params["OUTPUT_DIR"] == output_dir
+    assert run.data.tags["output_dir"] == output_dir
+    logged = digits["client"].download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert load_config(logged).OUTPUT_DIR == output_dir
+    assert load_config(str(digits["output_dir"] / "config.yaml")).OUTPUT_DIR == output_dir
+    description = run.data.tags["mlflow.note.content"]
+    assert "simple_cnn trained on digits" in description and output_dir in description
+
+
+def test_system_metrics_are_recorded_even_for_a_short_run(digits):
+    system = [key for key in digits["run"].data.metrics if key.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system
+    assert "system/system_memory_usage_megabytes" in system
+    assert any(key.startswith("system/disk_") for key in system)
+    assert any(key.startswith("system/network_") for key in system)
+
+
+def test_the_splits_are_dataset_inputs_with_a_digest_over_every_image(digits):
+    cfg = load_config(DIGITS_YAML, digits["opts"])
+    splits = build_datasets(cfg)
+    inputs = {i.dataset.name: i for i in digits["run"].inputs.dataset_inputs}
+    assert set(inputs) == {"digits-train", "digits-val"}
+    train = inputs["digits-train"]
+    assert [tag.value for tag in train.tags if tag.key == "mlflow.data.context"] == ["training"]
+    assert train.dataset.digest == split_digest(splits.train)
+    assert inputs["digits-val"].dataset.digest == split_digest(splits.val) != train.dataset.digest
+    profile = json.loads(train.dataset.profile)
+    assert profile["num_rows"] == len(splits.train)
+    assert profile["class_counts"]["3"] == int((splits.train.labels == 3).sum())
+    assert "load_digits" in train.dataset.source
+
+
+def test_a_digest_changes_when_a_single_pixel_changes():
+    cfg = load_config(DIGITS_YAML)
+    split = build_datasets(cfg).val
+    before = split_digest(split)
+    split.images[-1, 0, -1, -1] ^= 1  # beyond the first 10,000 values MLflow's own digest would read
+    assert split_digest(split) != before
+
+
+def test_the_logged_model_is_named_for_what_it_is_and_carries_the_final_metrics(digits):
+    run = digits["run"]
+    mlflow.set_tracking_uri(digits["tracking_uri"])
+    try:
+        [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                              filter_string=f"source_run_id = '{run.info.run_id}'")
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert model.name == "simple_cnn-digits"
+    on_model = {metric.key: metric for metric in model.metrics}
+    # The metrics of the final step, evaluation included; not the system metrics (a step counter of their own).
+    assert {"val_loss", "val_acc1", "train_loss"} <= set(on_model)
+    assert not [key for key in on_model if key.startswith("system/")]
+    assert on_model["val_acc1"].value == run.data.metrics["val_acc1"]
+    assert on_model["val_loss"].value == run.data.metrics["val_loss"]
+    steps = [m.step for m in digits["client"].get_metric_history(run.info.run_id, "val_acc1")]
+    assert len(steps) == len(set(steps))  # linking the model logged no second point
+    assert on_model["val_acc1"].step == steps[-1]
+
+
+def test_per_class_accuracy_is_one_figure_and_one_table_per_evaluation(digits, tmp_path):
+    client, run = digits["client"], digits["run"]
+    eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc1")]
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "per_class_accuracy")}
+    expected = {f"per_class_accuracy/val_step_{step:08d}.{ext}" for step in eval_steps for ext in ("png", "json")}
+    assert files == expected
+    last_table = f"per_class_accuracy/val_step_{eval_steps[-1]:08d}.json"
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, last_table, str(tmp_path))).read_text())
+    assert table["columns"] == ["class", "accuracy", "images"] and len(table["data"]) == 10
+    # One chart per metric worth a curve: no per-class dots, no constant validation count.
+    assert not [key for key in run.data.metrics if re.fullmatch(r"val_acc1_.+|val_count", key)]
 
 
 def test_a_diverging_loss_fails_the_run_at_its_first_bad_iteration(capfd, run_dir, small_run_opts):
