@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.benchmark import MODES
+from tools.benchmark import MODES, TINY_MODES
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
-TINY = ["--images", "512", "--epochs", "1", "--repeats", "1", "--threads", "1"]
+TINY = ["--images", "512", "--epochs", "1", "--repeats", "1", "--threads", "1", "--tiny-steps", "64"]
 
 
 def run_benchmark(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -36,6 +36,11 @@ def test_every_mode_is_in_the_table_and_the_last_line_is_the_engine_bare_ratio(t
     assert any("checkpoint at the epoch end" in line for line in lines)
     assert any("metric flush" in line for line in lines)
     assert "final weights engine == engine_no_mlflow (torch.equal): True" in result.stdout
+    for mode in TINY_MODES:  # the engine's own cost per step: mode, us/step, over bare, ...
+        assert any(re.match(rf"^{mode}\s+\d+\.\d\s+-?\d+\.\d\s", line) for line in lines), mode
+    for mode in ("tiny_engine", "tiny_engine_no_mlflow"):
+        assert any(re.match(rf"^\s+{mode} - tiny_bare\s+-?\d+\.\d\s+\(<= \d+\)", line) for line in lines), mode
+    assert "final weights tiny_engine == tiny_engine_no_mlflow (torch.equal): True" in result.stdout
     assert re.fullmatch(r"engine/bare \d+\.\d\d", lines[-1])
     # The benchmark's temporary folder (MLflow store, checkpoints, PNG files) is gone; importing torchvision
     # leaves torch's compile cache folder in TMPDIR, which is not the benchmark's.
@@ -54,3 +59,13 @@ def test_amp_on_the_cpu_is_refused_with_the_reason(tmp_path):
 
     assert result.returncode == 2
     assert "--amp and --channels-last are for --device cuda" in result.stderr
+
+
+def test_the_tiny_modes_alone_print_the_per_step_table(tmp_path):
+    result = run_benchmark(tmp_path, "--modes", ",".join(TINY_MODES), "--tiny-steps", "32", "--repeats", "1",
+                           "--epochs", "1")
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "per-step cost on a model of negligible compute" in result.stdout
+    assert re.search(r"^tiny_engine\s+\d+\.\d\s+-?\d+\.\d\s", result.stdout, re.MULTILINE)
+    assert result.stdout.splitlines()[-1] == "engine/bare n/a"

@@ -74,3 +74,15 @@ def test_a_config_file_that_is_not_text_is_a_one_line_error(capsys, tmp_path):
 
     assert main(["--config-file", str(binary), "OUTPUT_DIR", str(tmp_path / "output")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {binary} is not a text file")
+
+
+def test_help_answers_before_the_heavy_libraries_are_imported():
+    # -X importtime lists every module the process imported, on stderr.
+    result = subprocess.run([sys.executable, "-X", "importtime", str(TRAIN_NET), "--help"], capture_output=True,
+                            text=True, timeout=120)
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: train_net.py")
+    assert "--config-file FILE" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "torchvision", "mlflow", "pandas", "sklearn"}

@@ -20,7 +20,13 @@ Modes, all run in this one process:
   torchvision_folder  torchvision.datasets.ImageFolder + DataLoader (ToTensor, Normalize in the workers) and the
                       bare loop
 
-Every mode uses the same number of torch threads (--threads). By default one core is left free per DataLoader
+The engine's own cost per step, as a GPU would expose it (there the step's compute runs asynchronously and the
+host only launches kernels): the same engine / engine without MLflow / bare loop, on a model whose compute is
+negligible (one Linear layer on 1x8x8 images, batch 16, --tiny-steps steps per epoch), reported in microseconds
+per step. These run with torch's default number of threads, as a user's run does:
+  tiny_bare, tiny_engine, tiny_engine_no_mlflow
+
+Every other mode uses the same number of torch threads (--threads). By default one core is left free per DataLoader
 worker (1 thread on a 2-core machine): with more busy threads than cores, torch's OpenMP threads spin-wait for each
 other and an epoch can take several times longer, which would drown the differences measured here.
 
@@ -66,6 +72,11 @@ from tools.build import (  # noqa: E402
 )
 
 MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "engine_recipe", "dataloader", "torchvision_folder")
+TINY_MODES = ("tiny_bare", "tiny_engine", "tiny_engine_no_mlflow")
+TINY_BATCH = 16
+TINY_IMAGE = ["DATA.INPUT_DIM", "1", "DATA.IMAGE_SIZE", "8"]  # 64 inputs: the model's compute is negligible
+TINY_TARGETS = (("tiny_engine", 50.0), ("tiny_engine_no_mlflow", 30.0))  # most microseconds per step over bare
+DEFAULT_THREADS = torch.get_num_threads()  # what a user's run gets: read before main() changes it
 AUGMENT = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]  # the usual CIFAR recipe order
 RECIPE = ["TRAIN.EMA_DECAY", "0.999", "TRAIN.MIXUP_ALPHA", "1.0", "TRAIN.CUTMIX_ALPHA", "1.0",
           "TRAIN.LABEL_SMOOTHING", "0.1"]  # as in config/cifar10_resnet18.yaml
@@ -87,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after one warm-up (default 2)")
     parser.add_argument("--repeats", type=int, default=8,
                         help="runs of every mode, the order reversed every other repeat (default 8)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(MODES + TINY_MODES),
+                        help=f"comma-separated subset of {', '.join(MODES + TINY_MODES)}")
+    parser.add_argument("--tiny-steps", type=int, default=2560,
+                        help="steps per epoch of the tiny_* modes (default 2560: 40,960 images of batch 16)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="fp16 autocast + GradScaler in every mode (TRAIN.AMP); default: on with --device cuda")
@@ -95,17 +109,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="channels_last model and batches in every mode (TRAIN.CHANNELS_LAST; CUDA)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the folder modes (default 2)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (torch.set_num_threads) for every mode; default: one core per "
+                        help="torch threads (torch.set_num_threads) for every mode but tiny_*; default: one core per "
                              "DataLoader worker is left free, at least 1 thread")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) - args.workers)
     args.modes = [name.strip() for name in args.modes.split(",") if name.strip()]
-    unknown = [name for name in args.modes if name not in MODES]
+    unknown = [name for name in args.modes if name not in MODES + TINY_MODES]
     if unknown or not args.modes:
-        parser.error(f"unknown mode {unknown[0] if unknown else '(none)'!r} in --modes; choose from {', '.join(MODES)}")
+        parser.error(f"unknown mode {unknown[0] if unknown else '(none)'!r} in --modes; "
+                     f"choose from {', '.join(MODES + TINY_MODES)}")
     if args.images < 2 * args.batch_size or min(args.epochs, args.repeats, args.threads) < 1 or args.workers < 0:
         parser.error("use --images >= 2 batches, --epochs, --repeats and --threads >= 1, --workers >= 0")
+    if args.tiny_steps < 2:
+        parser.error("use --tiny-steps >= 2")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.device == "cpu" and (args.amp or args.channels_last):
@@ -128,18 +145,22 @@ class Workspace:
         self.devnull.close()
 
     def config(self, mode: str, opts=()):
-        """The run's frozen config: synthetic data whose train split holds exactly ``--images`` images."""
+        """The run's frozen config: synthetic data whose train split holds exactly ``--images`` images (the
+        tiny modes: ``--tiny-steps`` batches of TINY_BATCH tiny images)."""
         self._runs += 1
-        images = self.args.images
+        tiny = mode in TINY_MODES
+        batch_size = TINY_BATCH if tiny else self.args.batch_size
+        images = self.args.tiny_steps * batch_size if tiny else self.args.images
         base = [
             "DATA.DATASET_TYPE", "synthetic", "DATA.SYNTHETIC_SIZE", str(images + 1),
             "DATA.VALIDATION_SIZE", repr(0.5 / (images + 1)),  # rounds to the minimum of one val image
-            "DATA.NUM_WORKERS", str(self.args.workers), "TRAIN.BATCH_SIZE", str(self.args.batch_size),
+            "DATA.NUM_WORKERS", str(self.args.workers), "TRAIN.BATCH_SIZE", str(batch_size),
             "TRAIN.MAX_EPOCHS", str(1 + self.args.epochs), "TRAIN.GPUS", "0" if self.args.device == "cpu" else "1",
             "OUTPUT_DIR", str(self.root / "runs" / f"{self._runs:03d}-{mode}"),
             "MLFLOW.TRACKING_URI", f"sqlite:///{self.root / 'store' / 'mlflow.db'}",
             "MLFLOW.EXPERIMENT_NAME", "benchmark", "MLFLOW.RUN_NAME", mode,
             "TRAIN.AMP", str(self.args.amp), "TRAIN.CHANNELS_LAST", str(self.args.channels_last),
+            *(TINY_IMAGE if tiny else []),
         ]
         return load_config(None, base + list(opts))
 
@@ -318,14 +339,15 @@ def put_one_period(trainer, step: int, period: int) -> int:
 
 # ---- the modes -----------------------------------------------------------------------------------------------
 def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, with_costs: bool = False):
-    """Build and train with the builders tools/run.py uses (minus the evaluations and the model logging)."""
+    """Build and train with the builders tools/run.py uses (minus the evaluations and the model logging); the
+    tiny modes with the tiny model instead of TRAIN.MODEL_TYPE's."""
     cfg = workspace.config(mode, opts)
     folder = RunFolder(cfg.OUTPUT_DIR)
     folder.write_config(cfg.dump())
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
     device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
     data = build_data(cfg, device)
-    model = build_model_for_training(cfg, device, num_gpus)
+    model = tiny_model(cfg, device) if mode in TINY_MODES else build_model_for_training(cfg, device, num_gpus)
     tracker = make_tracker(cfg, folder) if tracked else None
     trainer = build_trainer(cfg, model, data, device, tracker, Checkpointer(folder.path, keep=cfg.CHECKPOINT.KEEP),
                             ema=build_ema(cfg, model))
@@ -371,23 +393,29 @@ def train_loop(model, optimizer, batches, cfg, device) -> EpochTimes:
     return times
 
 
-def bare_model(cfg, device):
+def tiny_model(cfg, device) -> torch.nn.Module:
+    """A model whose compute is negligible: one Linear layer over the image's few pixels."""
+    inputs = cfg.DATA.INPUT_DIM * cfg.DATA.IMAGE_SIZE ** 2
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, len(cfg.DATA.CLASSES))).to(device)
+
+
+def bare_model(cfg, device, tiny: bool = False):
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
-    model = build_model_for_training(cfg, device, num_gpus=0)
+    model = tiny_model(cfg, device) if tiny else build_model_for_training(cfg, device, num_gpus=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM,
                                 weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     return model, optimizer
 
 
-def run_bare(workspace: Workspace) -> RunResult:
-    cfg = workspace.config("bare")
+def run_bare(workspace: Workspace, mode: str = "bare") -> RunResult:
+    cfg = workspace.config(mode)
     device = torch.device(workspace.args.device)
     splits = build_datasets(cfg)
     mean = torch.tensor(splits.mean).view(1, -1, 1, 1)
     std = torch.tensor(splits.std).view(1, -1, 1, 1)
     images = ((splits.train.images.float() / 255 - mean) / std).to(device)
     labels = splits.train.labels.to(device)
-    model, optimizer = bare_model(cfg, device)
+    model, optimizer = bare_model(cfg, device, tiny=mode in TINY_MODES)
 
     def batches(epoch):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.SEED + epoch)).to(device)
@@ -424,8 +452,8 @@ def run_torchvision_folder(workspace: Workspace) -> RunResult:
 
 
 def run_mode(workspace: Workspace, mode: str, with_costs: bool) -> RunResult:
-    if mode == "bare":
-        return run_bare(workspace)
+    if mode in ("bare", "tiny_bare"):
+        return run_bare(workspace, mode)
     if mode == "torchvision_folder":
         return run_torchvision_folder(workspace)
     if mode == "dataloader":
@@ -435,7 +463,8 @@ def run_mode(workspace: Workspace, mode: str, with_costs: bool) -> RunResult:
         return run_engine(workspace, mode, ["DATA.TRANSFORM_LIST", repr(AUGMENT)])
     if mode == "engine_recipe":
         return run_engine(workspace, mode, RECIPE)
-    return run_engine(workspace, mode, tracked=mode == "engine", with_costs=with_costs)
+    tracked = mode in ("engine", "tiny_engine")
+    return run_engine(workspace, mode, tracked=tracked, with_costs=with_costs and mode == "engine")
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -451,6 +480,17 @@ def ratio_text(results: dict, numerator: str, denominator: str, images: int) -> 
 
 
 def print_report(results: dict, args) -> None:
+    tiny = {mode: stats for mode, stats in results.items() if mode in TINY_MODES}
+    results = {mode: stats for mode, stats in results.items() if mode in MODES}
+    if results:
+        print_throughput(results, args)
+    if tiny:
+        print_step_costs(tiny, args)
+    print_weights_check(results, "engine", "engine_no_mlflow")
+    print_weights_check(tiny, "tiny_engine", "tiny_engine_no_mlflow")
+
+
+def print_throughput(results: dict, args) -> None:
     memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     base = results.get("bare")
     print(f"\n{'mode':<20}{'images/s':>10}{'vs bare':>9}{'epoch s':>9}{'min-max s':>13}{'cpu s':>8}{memory:>15}")
@@ -472,7 +512,33 @@ def print_report(results: dict, args) -> None:
             cpu = f"cpu {statistics.median(results[denominator].cpu) / statistics.median(results[numerator].cpu):.2f}"
         print(f"  {numerator + '/' + denominator:<31}{ratio or 'n/a':>6}  (>= {minimum:.2f})  {verdict:<8}{cpu}")
     print_costs(results)
-    print_weights_check(results)
+
+
+def step_microseconds(stats: ModeStats, steps: int, values=None) -> float:
+    return statistics.median(stats.wall if values is None else values) / steps * 1e6
+
+
+def print_step_costs(results: dict, args) -> None:
+    """The tiny modes: microseconds per step, and the engine's cost over the bare loop."""
+    steps = args.tiny_steps
+    print(f"\nper-step cost on a model of negligible compute (Linear {TINY_IMAGE[3]}x{TINY_IMAGE[3]} -> 10, batch "
+          f"{TINY_BATCH}, {steps} steps per epoch, {DEFAULT_THREADS} torch threads: torch's default):")
+    print(f"{'mode':<24}{'us/step':>9}{'over bare':>11}{'min-max us':>14}{'cpu us':>9}")
+    base = results.get("tiny_bare")
+    for mode, stats in results.items():
+        micros = step_microseconds(stats, steps)
+        over = f"{micros - step_microseconds(base, steps):.1f}" if base else "n/a"
+        spread = f"{min(stats.wall) / steps * 1e6:.0f}-{max(stats.wall) / steps * 1e6:.0f}"
+        print(f"{mode:<24}{micros:>9.1f}{over:>11}{spread:>14}{step_microseconds(stats, steps, stats.cpu):>9.1f}")
+    print("(medians over the timed epochs of every repeat, epoch-end checkpoint included; cpu us: CPU time of "
+          "this process, all threads, per step)")
+    print(f"\ntargets ({args.device}; microseconds per step over tiny_bare, medians):")
+    for mode, most in TINY_TARGETS:
+        if mode not in results or base is None:
+            print(f"  {mode + ' - tiny_bare':<35}   n/a  (<= {most:.0f})")
+            continue
+        over = step_microseconds(results[mode], steps) - step_microseconds(base, steps)
+        print(f"  {mode + ' - tiny_bare':<35}{over:>6.1f}  (<= {most:.0f})  {'met' if over <= most else 'MISSED'}")
 
 
 def print_costs(results: dict) -> None:
@@ -496,12 +562,12 @@ def print_costs(results: dict) -> None:
           "competing with training for the cores and the GIL")
 
 
-def print_weights_check(results: dict) -> None:
-    if "engine" not in results or "engine_no_mlflow" not in results:
+def print_weights_check(results: dict, tracked: str, untracked: str) -> None:
+    if tracked not in results or untracked not in results:
         return
-    pairs = zip(results["engine"].weights, results["engine_no_mlflow"].weights, strict=True)
+    pairs = zip(results[tracked].weights, results[untracked].weights, strict=True)
     equal = all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in pairs)
-    print(f"\nlogging must not change results: final weights engine == engine_no_mlflow (torch.equal): {equal}")
+    print(f"\nlogging must not change results: final weights {tracked} == {untracked} (torch.equal): {equal}")
 
 
 def main(argv=None) -> int:
@@ -530,12 +596,12 @@ def main(argv=None) -> int:
         try:
             for repeat in range(args.repeats):
                 for mode in args.modes if repeat % 2 == 0 else args.modes[::-1]:
-                    torch.set_num_threads(args.threads)
+                    torch.set_num_threads(DEFAULT_THREADS if mode in TINY_MODES else args.threads)
                     run_started = time.perf_counter()
                     result = run_mode(workspace, mode, with_costs=True)
                     gc.collect()  # ends the previous run's DataLoader workers before the next run starts
                     record(results[mode], result)
-                    print(f"  repeat {repeat + 1}/{args.repeats}  {mode:<20}epochs "
+                    print(f"  repeat {repeat + 1}/{args.repeats}  {mode:<22}epochs "
                           f"{' '.join(f'{s:.2f}' for s in result.times.wall)} s (warm-up first), whole run "
                           f"{time.perf_counter() - run_started:.1f} s", flush=True)
         finally:

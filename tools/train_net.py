@@ -16,17 +16,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
 
-from config import ConfigError, setup_config  # noqa: E402
+# Only light modules here: the arguments are parsed (and --help answered) before torch, torchvision or mlflow
+# is imported, which takes seconds; main() imports the engine once it has something to run.
 from config.defaults import REPO_ROOT  # noqa: E402
-from datasets import DatasetError  # noqa: E402
-from engine.checkpoint import CheckpointError  # noqa: E402
-from engine.hooks import TrainingInterrupted  # noqa: E402
-from tools.rerun import rerun_config  # noqa: E402
-from tools.run import evaluate_only, train  # noqa: E402
 
-# Mistakes a user can make: printed as one line, exit code 2, no traceback (unless --debug).
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FloatingPointError)
 EXIT_INTERRUPTED = 130
+
+
+def user_errors() -> tuple:
+    """Mistakes a user can make: printed as one line, exit code 2, no traceback (unless --debug)."""
+    from config import ConfigError
+    from datasets import DatasetError
+    from engine.checkpoint import CheckpointError
+
+    return ConfigError, DatasetError, CheckpointError, FloatingPointError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +62,11 @@ def main(argv=None, hooks=(), loss=None) -> int:
     replaces cross-entropy for training. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    from config import setup_config
+    from engine.hooks import TrainingInterrupted
+    from tools.rerun import rerun_config
+    from tools.run import evaluate_only, train
+
     try:
         if args.rerun:
             cfg, source_tags = rerun_config(args.rerun, list(args.opts or []))
@@ -80,7 +88,7 @@ def main(argv=None, hooks=(), loss=None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # at once: skip the interpreter's slow teardown (seconds with torch loaded)
-    except USER_ERRORS as error:
+    except user_errors() as error:
         if args.debug:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr)
