@@ -118,6 +118,16 @@ def validate_config(cfg: CfgNode) -> None:
             raise ConfigError(f"{key} must be {expected}, got {_lookup(cfg, key)!r}")
 
 
+def with_output_dir(cfg: CfgNode, output_dir) -> CfgNode:
+    """A frozen copy of ``cfg`` with OUTPUT_DIR resolved, so config.yaml, the params and the tags name the real
+    folder."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(output_dir)
+    cfg.freeze()
+    return cfg
+
+
 def flatten_config(cfg: CfgNode, prefix: str = "") -> dict[str, object]:
     """``{"TRAIN.LR": 0.01, ...}``: the form logged as MLflow params."""
     flat = {}

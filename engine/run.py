@@ -43,6 +43,8 @@ from engine.tracking import redact_credentials
 logger = logging.getLogger("engine")
 
 RUN_ID_FILE = "mlflow_run_id"
+# Raised by every rank at the same iteration: the ranks leave together (see engine.distributed.process_group).
+AGREED_STOPS = (TrainingInterrupted, FloatingPointError, CheckpointError)
 # Ctrl+C, `kill`, and Slurm's warning before a time limit or preemption (sbatch --signal=USR1@90).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -97,6 +99,12 @@ class RunFolder:
             return
         restore_streams()  # log.txt is open in the folder; what follows goes to the terminal only
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def newest_run_folder(root: Path) -> str | None:
+    """The newest folder under ``root``/output holding a checkpoint, as a path relative to ``root``."""
+    found = sorted((root / "output").glob("*/checkpoint_*.pth"), key=lambda p: p.stat().st_mtime)
+    return str(found[-1].parent.relative_to(root)) if found else None
 
 
 def configure_reproducibility(seed: int, deterministic: bool) -> None:

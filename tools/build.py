@@ -215,6 +215,17 @@ def run_description(cfg, data: Data) -> str:
             f"batch {cfg.TRAIN.BATCH_SIZE}. Files: {cfg.OUTPUT_DIR}")
 
 
+def evaluate_weights(cfg, device, num_gpus: int):
+    """``--eval-only``: the data, and the evaluation of MODEL.WEIGHTS on EVAL.SPLIT."""
+    data = build_data(cfg, device)
+    batches = data.test if cfg.EVAL.SPLIT == "test" else data.val
+    if batches is None:
+        raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
+    model = module_to_evaluate(build_model_for_training(cfg, device, num_gpus))
+    return data, evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
+                          AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
+
+
 def build_final_steps(cfg, data: Data, final_model, device) -> FinalSteps:
     """``final_model``: the weights of model_final.pth, the test split and the logged model (the EMA's with
     TRAIN.EMA_DECAY, else the trained ones)."""

@@ -13,27 +13,23 @@ from pathlib import Path
 from config import ConfigError
 from config.defaults import REPO_ROOT
 from config.resume import check_resume_config
-from engine.checkpoint import Checkpointer, CheckpointError
-from engine.distributed import is_main_process, module_to_evaluate, process_group, select_device
-from engine.evaluation import evaluate
+from config.setup import with_output_dir
+from engine.checkpoint import Checkpointer
+from engine.distributed import is_main_process, process_group, select_device
 from engine.hooks import TrainingInterrupted
 from engine.precision import AMP_DTYPES, autocast_runs_on
-from engine.run import RunFolder, TrainingRun, configure_reproducibility, find_resume_point, record_evaluation
-from tools.build import (
-    build_data,
-    build_ema,
-    build_final_steps,
-    build_model_for_training,
-    build_run_record,
-    build_trainer,
-    check_names,
-    make_tracker,
+from engine.run import (
+    AGREED_STOPS,
+    RunFolder,
+    TrainingRun,
+    configure_reproducibility,
+    find_resume_point,
+    newest_run_folder,
+    record_evaluation,
 )
+from tools import build
 
 logger = logging.getLogger("engine")
-
-# Raised by every rank at the same iteration: the ranks leave together (see engine.distributed.process_group).
-AGREED_STOPS = (TrainingInterrupted, FloatingPointError, CheckpointError)
 
 
 def train(cfg, resume: bool = False, extra_tags: dict | None = None, hooks=(), loss=None) -> Path:
@@ -45,13 +41,13 @@ def train(cfg, resume: bool = False, extra_tags: dict | None = None, hooks=(), l
     """
     if resume and not cfg.OUTPUT_DIR:
         raise ConfigError(f"--resume needs the OUTPUT_DIR of the run to continue (an empty OUTPUT_DIR makes a new "
-                          f"folder); add OUTPUT_DIR {_newest_run_folder() or '<folder of the run>'}")
+                          f"folder); add OUTPUT_DIR {newest_run_folder(REPO_ROOT) or '<folder of the run>'}")
     # torchrun --max-restarts restarts failed workers with the same command line: they continue the run.
     resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     with process_group(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS, leave_together=AGREED_STOPS):
-        check_names(cfg)  # mistakes that need no data are reported before anything is written
+        build.check_names(cfg)  # mistakes that need no data are reported before anything is written
         device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
-        folder = RunFolder(cfg.OUTPUT_DIR or REPO_ROOT / "output" / time.strftime("%Y%m%d-%H%M%S"))
+        folder = _run_folder(cfg)
         cfg = with_output_dir(cfg, folder.path)  # config.yaml, the params and the tags say where the files are
         checkpointer = Checkpointer(folder.path, keep=cfg.CHECKPOINT.KEEP, enabled=is_main_process())
         if not resume and checkpointer.checkpoints():
@@ -77,13 +73,13 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
     configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
     if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
         logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 (bfloat16 runs on the CPU)")
-    data = build_data(cfg, device)
-    model = build_model_for_training(cfg, device, num_gpus)
-    ema = build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated, and saved as model_best / model_final (None = off)
-    tracker = make_tracker(cfg, folder) if is_main_process() else None
-    built["trainer"] = trainer = build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss, ema)
-    record = build_run_record(cfg, device, num_gpus, data, tracker, extra_tags)
-    final = build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device)
+    data = build.build_data(cfg, device)
+    model = build.build_model_for_training(cfg, device, num_gpus)
+    ema = build.build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated, and saved as model_best / model_final (None = off)
+    tracker = build.make_tracker(cfg, folder) if is_main_process() else None
+    built["trainer"] = trainer = build.build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss, ema)
+    record = build.build_run_record(cfg, device, num_gpus, data, tracker, extra_tags)
+    final = build.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device)
     TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, folder.previous_run_id(resumed))
 
 
@@ -93,18 +89,12 @@ def evaluate_only(cfg) -> dict:
         raise ConfigError("--eval-only needs the weights to evaluate: add MODEL.WEIGHTS <path to .pth>")
     with process_group(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS):
         device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
-        folder = RunFolder(cfg.OUTPUT_DIR or REPO_ROOT / "output" / time.strftime("%Y%m%d-%H%M%S"))
+        folder = _run_folder(cfg)
         cfg = with_output_dir(cfg, folder.path)
         try:
             folder.start_log()
             folder.write_config(cfg.dump())
-            data = build_data(cfg, device)
-            batches = data.test if cfg.EVAL.SPLIT == "test" else data.val
-            if batches is None:
-                raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
-            model = module_to_evaluate(build_model_for_training(cfg, device, num_gpus))
-            results = evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
-                               AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
+            data, results = build.evaluate_weights(cfg, device, num_gpus)
         except BaseException:
             folder.discard_if_unused(started=False)
             raise
@@ -114,21 +104,12 @@ def evaluate_only(cfg) -> dict:
         if is_main_process():
             description = (f"evaluation of {cfg.MODEL.WEIGHTS} on the {split} split of {cfg.DATA.DATASET_TYPE} "
                            f"({results['count']} images)")
-            record = build_run_record(cfg, device, num_gpus, data, None, {"mode": "eval-only"}, description)
-            record_evaluation(make_tracker(cfg, folder), record, split, results, cfg.DATA.CLASSES)
+            record = build.build_run_record(cfg, device, num_gpus, data, None, {"mode": "eval-only"}, description)
+            record_evaluation(build.make_tracker(cfg, folder), record, split, results, cfg.DATA.CLASSES)
         return results
 
 
-def with_output_dir(cfg, output_dir: Path):
-    """``cfg`` with OUTPUT_DIR resolved, so config.yaml, the params and the tags name the real folder."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.OUTPUT_DIR = str(output_dir)
-    cfg.freeze()
-    return cfg
+def _run_folder(cfg) -> RunFolder:
+    return RunFolder(cfg.OUTPUT_DIR or REPO_ROOT / "output" / time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _newest_run_folder() -> str | None:
-    """The newest folder under output/ holding a checkpoint, as a path relative to the repository."""
-    found = sorted((REPO_ROOT / "output").glob("*/checkpoint_*.pth"), key=lambda p: p.stat().st_mtime)
-    return str(found[-1].parent.relative_to(REPO_ROOT)) if found else None
