@@ -179,3 +179,17 @@ def test_resume_keeps_unreadable_checkpoints_under_another_name(run_dir, small_r
         assert (output_dir / f"{name}.unreadable").read_bytes() == content
     assert "none of the 2 checkpoints" in (output_dir / "log.txt").read_text()
     assert (output_dir / "model_final.pth").is_file()
+
+
+def test_a_fresh_run_never_reattaches_the_mlflow_run_named_in_its_folder(run_dir, small_run_opts):
+    first, second = run_dir / "first", run_dir / "second"
+    assert main([*small_run_opts, "OUTPUT_DIR", str(first)]) == 0
+    second.mkdir()  # a folder left by a run that crashed before its first checkpoint
+    (second / "mlflow_run_id").write_text((first / "mlflow_run_id").read_text())
+
+    assert main([*small_run_opts, "OUTPUT_DIR", str(second)]) == 0  # no --resume: a new run
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    assert len(runs) == 2
+    assert (second / "mlflow_run_id").read_text() != (first / "mlflow_run_id").read_text()

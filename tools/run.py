@@ -80,7 +80,8 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
     built["trainer"] = trainer = build.build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss, ema)
     record = build.build_run_record(cfg, device, num_gpus, data, tracker, extra_tags)
     final = build.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device)
-    TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, folder.previous_run_id(resumed))
+    previous_run = folder.previous_run_id(resumed) if resume else None  # a fresh run never re-attaches one
+    TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, previous_run)
 
 
 def evaluate_only(cfg) -> dict:
