@@ -2,26 +2,26 @@
 
 The engine receives built objects (model, batches, optimizer); it never reads dataset- or model-specific
 config keys and never imports ``datasets``, ``networks`` or ``tools``.
+
+The names below are imported on first use (``from engine import Trainer``), so that a module of the engine
+that needs no torch (``engine.mlflow_delivery``, run in its own process) starts without importing it.
 """
 
-from engine.checkpoint import Checkpointer, CheckpointError
-from engine.evaluation import evaluate
-from engine.hooks import (
-    BestCheckpointer,
-    EpochTimer,
-    EvalHook,
-    HookBase,
-    LRScheduler,
-    MetricWriter,
-    PeriodicCheckpointer,
-    ProgressBar,
-    TrainingInterrupted,
-)
-from engine.tracking import MLflowTracker
-from engine.trainer import BatchSource, Trainer
+import importlib
 
-__all__ = [
-    "BatchSource", "BestCheckpointer", "CheckpointError", "Checkpointer", "EpochTimer", "EvalHook", "HookBase",
-    "LRScheduler", "MLflowTracker", "MetricWriter", "PeriodicCheckpointer", "ProgressBar", "Trainer",
-    "TrainingInterrupted", "evaluate",
-]
+_HOME = {
+    "BatchSource": "engine.trainer", "Trainer": "engine.trainer",
+    "Checkpointer": "engine.checkpoint", "CheckpointError": "engine.checkpoint",
+    "evaluate": "engine.evaluation",
+    "BestCheckpointer": "engine.hooks", "EpochTimer": "engine.hooks", "EvalHook": "engine.hooks",
+    "HookBase": "engine.hooks", "LRScheduler": "engine.hooks", "MetricWriter": "engine.hooks",
+    "PeriodicCheckpointer": "engine.hooks", "ProgressBar": "engine.hooks", "TrainingInterrupted": "engine.hooks",
+    "MLflowTracker": "engine.tracking",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'engine' has no attribute '{name}'")
+    return getattr(importlib.import_module(_HOME[name]), name)

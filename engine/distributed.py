@@ -182,17 +182,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def earliest_over_ranks(index: torch.Tensor) -> int:
-    """The smallest non-negative value of the one-element ``index`` over all ranks; -1 if no rank has one."""
-    if not in_process_group():
-        return int(index.item())
-    none = torch.iinfo(torch.int64).max
-    earliest = torch.where(index < 0, none, index).to(torch.int64)
-    torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
-    value = int(earliest.item())
-    return -1 if value == none else value
-
-
 def broadcast_object(obj, source: int = 0):
     """Rank ``source``'s ``obj`` on every rank (e.g. the MLflow run id)."""
     if not in_process_group():

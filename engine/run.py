@@ -191,12 +191,15 @@ class TrainingRun:
             self._end()
 
     def _start(self, previous_run: str | None) -> None:
+        sampling = self.record.system_metrics and samples_this_process()
+        options = {"node_id": node_id(), "resume": previous_run is not None}
         if self.tracker is not None:
             start_tracker(self.tracker, self.record, previous_run)
+            if sampling:  # from its delivery process: MLflow is imported there, not here
+                self.system_metrics = self.tracker.sample_system_metrics(**options)
         run_id = broadcast_object(self.tracker.run_id if self.tracker else None)  # every rank knows the run
-        if run_id and self.record.system_metrics and samples_this_process():
-            self.system_metrics = SystemMetrics(run_id, self.record.tracking_uri, node_id=node_id(),
-                                                resume=previous_run is not None)
+        if run_id and sampling and self.tracker is None:  # the first process of another node
+            self.system_metrics = SystemMetrics(run_id, self.record.tracking_uri, **options)
 
     def _finish(self) -> None:
         """model_final.pth, the final confusion matrix, the test split, the model with its final metrics."""

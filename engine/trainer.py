@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_reduce_sum, earliest_over_ranks, get_world_size, in_process_group, unwrapped
+from engine.distributed import all_reduce_sum, get_world_size, in_process_group, unwrapped
 from engine.hooks import HOOK_METHODS, HookBase, TrainingInterrupted
 from engine.precision import autocast_runs_on, needs_grad_scaler
 from engine.rng import gather_rng_states, restore_rng_state, rng_state_of_this_rank
@@ -46,32 +46,33 @@ class BatchSource(Protocol):
 class MetricStorage:
     """Scalars recorded by the step and the hooks, kept (on the device where they live) until written.
 
-    The step puts its loss as a device tensor; ``drain`` reads everything pending with one host sync.
-    Tensor values are summed over processes on the way (each rank stores its share of a global mean), so
-    every rank must call ``drain`` at the same points; plain numbers are taken as they are.
+    ``drain`` reads everything pending with one host sync. Tensor values are summed over processes on the
+    way (each rank stores its share of a global mean), so every rank must call ``drain`` at the same points;
+    plain numbers are taken as they are.
     """
 
     def __init__(self):
-        self._pending: list[tuple[str, object, int]] = []
+        self._pending: list[tuple[str, object, object]] = []
 
     def put(self, name: str, value, step: int) -> None:
         self._pending.append((name, value, step))
 
-    def drain(self, also: torch.Tensor | None = None) -> tuple[list[tuple[str, float, int]], float | None]:
-        """The pending records as numbers, and the value of ``also`` (a one-element device tensor, not summed
-        over processes), read with the records in the same host sync when one process trains."""
+    def put_series(self, name: str, values: torch.Tensor, steps: list[int]) -> None:
+        """One value per step of ``steps``, as a 1-D device tensor (read in the same sync as the rest)."""
+        self._pending.append((name, values, list(steps)))
+
+    def drain(self) -> list[tuple[str, float, int]]:
+        """The pending records as ``(name, number, step)``."""
         pending, self._pending = self._pending, []
-        tensors = [value.detach().float() for _, value, _ in pending if isinstance(value, torch.Tensor)]
-        extra = None
-        if also is not None and not in_process_group():
-            tensors.append(also.float())
-        read = all_reduce_sum(torch.stack(tensors)).tolist() if tensors else []
-        if also is not None and not in_process_group():
-            extra = read.pop()
-        values = iter(read)
-        records = [(name, next(values) if isinstance(value, torch.Tensor) else float(value), step)
-                   for name, value, step in pending]
-        return records, extra
+        tensors = [value.detach().float().reshape(-1) for _, value, _ in pending if isinstance(value, torch.Tensor)]
+        read = iter(all_reduce_sum(torch.cat(tensors)).tolist() if tensors else [])
+        records = []
+        for name, value, step in pending:
+            if isinstance(step, list):
+                records += [(name, next(read), one_step) for one_step in step]
+            else:
+                records.append((name, next(read) if isinstance(value, torch.Tensor) else float(value), step))
+        return records
 
 
 class Trainer:
@@ -115,10 +116,12 @@ class Trainer:
         self.storage = MetricStorage()
         self.latest_eval: dict | None = None
         self.exception: BaseException | None = None
-        # First iteration whose loss was not finite, kept on the device: checking it every step would
-        # force a host sync, so it is read with the metrics (flush_metrics), at most once per iteration.
-        self._first_bad_iter = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._checked_at = -1
+        # Each step's summed loss (on the device), its samples and its step number: divided, stored as
+        # train_loss and checked for NaN or inf at the next flush_metrics, in one batch of tensor ops and the
+        # flush's one host sync, instead of several small ops every step.
+        self._step_losses: list[tuple[torch.Tensor, int, int]] = []
+        self._autocast = functools.partial(torch.autocast, self.device.type, self.amp_dtype) if self.amp \
+            else nullcontext
         self.hooks: list[HookBase] = []
         self.register_hooks(hooks)
 
@@ -180,7 +183,7 @@ class Trainer:
         for position in range(len(micro_batches)):
             batch = next(batches)
             last = position == len(micro_batches) - 1
-            with self._maybe_no_sync(last), torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp):
+            with self._maybe_no_sync(last), self._autocast():
                 loss = self.loss(self.model(batch.images), batch.labels)
             loss = loss if loss.dtype == torch.float32 else loss.float()
             # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so
@@ -188,10 +191,7 @@ class Trainer:
             self.scaler.scale(loss * (self.world_size / step_samples)).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         self._optimizer_step()
-        step_loss = loss_sum / step_samples
-        self._first_bad_iter = torch.where((self._first_bad_iter < 0) & ~torch.isfinite(step_loss),
-                                           self.iter, self._first_bad_iter)
-        self.storage.put("train_loss", step_loss, self.iter + 1)
+        self._step_losses.append((loss_sum, step_samples, self.iter + 1))
 
     def _optimizer_step(self) -> None:
         if self.clip_grad_norm > 0:
@@ -212,24 +212,26 @@ class Trainer:
 
     # ---- metrics and the non-finite check ----------------------------------------------------------------
     def flush_metrics(self) -> None:
-        """Read the stored metrics (one host sync), raise if a loss so far was NaN or inf, and hand the records
-        to every hook's ``write_metrics``. Call it on every rank at the same points (DDP sums over ranks)."""
-        check = self._checked_at != self.iter  # the flag only changes in run_step
-        records, bad = self.storage.drain(also=self._first_bad_iter if check else None)
-        if check:
-            self._checked_at = self.iter
-            self._raise_if_not_finite(int(bad) if bad is not None else earliest_over_ranks(self._first_bad_iter))
+        """Read the stored metrics (one host sync), raise if a training loss was NaN or inf, and hand the
+        records to every hook's ``write_metrics``. Call it on every rank at the same points (DDP sums over
+        ranks, so a NaN on one rank is a NaN on all of them, and every rank raises at the same point)."""
+        if self._step_losses:
+            losses, samples, steps = zip(*self._step_losses, strict=True)
+            self._step_losses = []
+            divisors = torch.tensor(samples, dtype=torch.float32, device=self.device)
+            self.storage.put_series("train_loss", torch.stack(losses) / divisors, steps)
+        records = self.storage.drain()
+        self._raise_if_not_finite(records)
         if records:
             for call in self._dispatch["write_metrics"]:
                 call(records)
 
-    def _raise_if_not_finite(self, bad: int) -> None:
-        """``bad``: the first iteration (0-based) whose loss was not finite on any rank, or -1. Under DDP the
-        ranks agreed on it (one all-reduce), so every rank raises at the same point with the same message."""
-        if bad >= 0:
-            epoch = bad // self.iters_per_epoch + 1
+    def _raise_if_not_finite(self, records: list[tuple[str, float, int]]) -> None:
+        bad = next((step for name, value, step in records if name == "train_loss" and not math.isfinite(value)), None)
+        if bad is not None:
+            epoch = (bad - 1) // self.iters_per_epoch + 1
             raise FloatingPointError(
-                f"the training loss became NaN or inf at iteration {bad + 1} (epoch {epoch}); "
+                f"the training loss became NaN or inf at iteration {bad} (epoch {epoch}); "
                 "lower TRAIN.LR, set TRAIN.CLIP_GRAD_NORM, or check the data. Earlier checkpoints are intact.")
 
     # ---- stopping ----------------------------------------------------------------------------------------

@@ -400,6 +400,8 @@ def _announce(message: str) -> None:  # to stderr, which the engine copies into 
 
 
 def _hooks_from_the_environment() -> list:
+    import functools
+
     import torch
 
     from engine.distributed import get_rank
@@ -437,7 +439,8 @@ def _hooks_from_the_environment() -> list:
         def before_train(self):
             for hook in self.trainer.hooks:
                 if isinstance(hook, MetricWriter) and hook.tracker is not None:
-                    hook.tracker.before_delivery = lambda: time.sleep(self.seconds)
+                    # Runs in the tracker's delivery process: a picklable call, not a lambda.
+                    hook.tracker.before_delivery = functools.partial(time.sleep, self.seconds)
 
     class PoisonWeights(HookBase):
         """Just before step ``step``, the weights of rank ``rank`` become NaN: its loss there is NaN."""

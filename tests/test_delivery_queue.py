@@ -1,4 +1,4 @@
-"""The MLflow delivery queue (engine/tracking.py): metrics wait to fill a request, for at most ``max_delay``.
+"""The MLflow delivery queue (engine/mlflow_delivery.py): metrics wait to fill a request, for at most ``max_delay``.
 
 Each request costs the store a fixed amount of work, so the queue sends few large ones; whoever needs the
 records now (``flush``, ``close``) gets them at once. Nothing is reordered.
@@ -7,7 +7,7 @@ records now (``flush``, ``close``) gets them at once. Nothing is reordered.
 import threading
 import time
 
-from engine.tracking import MAX_METRICS_PER_REQUEST, _DeliveryQueue
+from engine.mlflow_delivery import MAX_METRICS_PER_REQUEST, DeliveryQueue
 
 
 class Recorder:
@@ -26,9 +26,9 @@ def metrics(count: int, first_step: int = 1) -> list[tuple]:
     return [("metric", "train_loss", 0.5, step, 0) for step in range(first_step, first_step + count)]
 
 
-def started_queue(max_delay: float) -> tuple[_DeliveryQueue, Recorder]:
+def started_queue(max_delay: float) -> tuple[DeliveryQueue, Recorder]:
     recorder = Recorder()
-    queue = _DeliveryQueue(recorder, max_delay=max_delay)
+    queue = DeliveryQueue(recorder, max_delay=max_delay)
     queue.start()
     return queue, recorder
 
