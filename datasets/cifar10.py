@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.utils import download_and_extract_archive
 
 from datasets.base import DatasetError, DatasetSplits, TensorSplit, channel_stats, split_train_val
 
@@ -46,6 +45,8 @@ def find_or_download(cache_dir: Path) -> Path:
     folder = cache_dir / FOLDER_NAME
     if folder.is_dir():
         return folder
+    from torchvision.datasets.utils import download_and_extract_archive  # here: a slow import, rarely needed
+
     try:
         # Reuses an intact archive already in cache_dir, so a hand-downloaded one works offline too.
         download_and_extract_archive(CIFAR10_URL, download_root=str(cache_dir), filename=ARCHIVE_NAME, md5=CIFAR10_MD5)

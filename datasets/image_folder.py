@@ -14,8 +14,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
-from torchvision.transforms.functional import pil_to_tensor
 
 from datasets.base import DatasetError, DatasetSplits
 
@@ -36,6 +34,8 @@ class ImageFolderDataset(Dataset):
         self.folder = folder
         self.mode = PIL_MODES[channels]
         self.image_size = image_size
+        from torchvision.datasets import ImageFolder  # here, not at the top: torchvision takes ~1.3 s to import
+
         try:
             listing = ImageFolder(str(folder))  # lists files only; nothing is opened yet
         except FileNotFoundError as error:
@@ -57,6 +57,8 @@ class ImageFolderDataset(Dataset):
             # One plain str argument: the error is pickled back from DataLoader workers and rebuilt from it.
             raise DatasetError(f"cannot read the image {path} ({type(error).__name__}: {error}); "
                                "remove or replace the file") from error
+        from torchvision.transforms.functional import pil_to_tensor  # imported by __init__ already
+
         return pil_to_tensor(image), label
 
 

@@ -22,6 +22,11 @@ def compile_model(model: nn.Module) -> nn.Module:
       evaluation batch sizes never reach the compiled graph, so nothing is compiled again at each evaluation.
     - the loss stays outside the compiled graph, so hard and soft (mixup) targets change nothing there.
     """
+    import torch._inductor.config as inductor_config  # here: a ~1 s import that uncompiled runs skip
+
+    # What torch.use_deterministic_algorithms would have set, had it been called with inductor imported
+    # (engine.run.set_deterministic leaves it alone).
+    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
     return torch.compile(model, dynamic=False)
 
 

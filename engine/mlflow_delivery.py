@@ -87,9 +87,9 @@ class RunDelivery:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str, params: dict, tags: dict,
-                 run_id: str | None, on_run_id=None):
+                 run_id: str | None, on_run_id=None, client=None):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
-        self.client = make_client(tracking_uri)
+        self.client = client or make_client(tracking_uri)
         self.run_id, self._params, self._tags = run_id, dict(params), dict(tags)
         self.on_run_id = on_run_id
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
@@ -309,11 +309,14 @@ class DeliveryServer:
         self.queue: DeliveryQueue | None = None
         self.sampler = None
         self._sampler_options: dict | None = None
+        self._client = None  # opened early ("open"), while the training process is still being built
         self._lock = threading.Lock()
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "start":
+        if kind == "open":
+            self._open(**message[1])
+        elif kind == "start":
             self._start(**message[1])
         elif kind == "items":
             self.queue.extend(message[1])
@@ -329,8 +332,17 @@ class DeliveryServer:
             self._stop_sampler()
             self.tell("system_metrics_stopped")
 
+    def _open(self, tracking_uri: str, experiment_name: str) -> None:
+        """Open the store before the run is started (a new SQLite store creates its tables here)."""
+        try:
+            self._client = make_client(tracking_uri)
+            self._client.get_experiment_by_name(experiment_name)
+        except Exception:  # unreachable, or worse: "start" tries again and reports it
+            pass
+
     def _start(self, **run) -> None:
-        self.run = RunDelivery(**run, on_run_id=self._on_run_id)
+        client = self._client if self._client is not None and self._client.tracking_uri == run["tracking_uri"] else None
+        self.run = RunDelivery(**run, on_run_id=self._on_run_id, client=client)
         self.queue = DeliveryQueue(self.run.deliver, on_delivered=lambda count: self.tell("delivered", count))
         try:
             self.run.ensure_run()

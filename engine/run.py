@@ -115,11 +115,21 @@ def configure_reproducibility(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        set_deterministic(True)
     else:
         torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms for each new input shape, picks the fastest
         torch.backends.cudnn.deterministic = False
-        torch.use_deterministic_algorithms(False)
+        set_deterministic(False)
+
+
+def set_deterministic(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without importing ``torch._inductor`` (~1 s
+    of every start): that function imports it only to copy ``mode`` into inductor's config, which matters to
+    torch.compile alone, and engine.compile.compile_model sets it there before compiling."""
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=True)
 
 
 def find_resume_point(checkpointer: Checkpointer, check_config: Callable[[str, Path], None]):

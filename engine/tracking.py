@@ -85,6 +85,13 @@ class MLflowTracker:
         self._announced, self._lock = False, threading.Lock()
         self._header: dict = {}  # what tools/upload_pending.py needs to create the run, if it never existed
         self._process = DeliveryProcess(on_run_id=self._learned_run_id)
+        # It imports MLflow and opens the store while the training process builds the run.
+        self._process.post("open", {"tracking_uri": tracking_uri, "experiment_name": experiment_name})
+
+    @property
+    def delivery_pid(self) -> int:
+        """The process id of the delivery process (its CPU time is not the training's)."""
+        return self._process.process.pid
 
     @property
     def before_delivery(self):
@@ -129,6 +136,11 @@ class MLflowTracker:
         self._process.close()
         self.save_pending(quiet=False)
         return delivered
+
+    def close(self) -> None:
+        """End the delivery process without waiting for anything (after ``end``, or for a run that failed while
+        being built: nothing was queued)."""
+        self._process.close()
 
     def _learned_run_id(self, run_id: str) -> None:
         with self._lock:  # the answer to start and the child's own report may both bring it

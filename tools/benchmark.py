@@ -45,7 +45,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +87,6 @@ TARGETS = (  # numerator, denominator, minimum ratio of images/s
     ("engine", "bare", 0.95),
 )
 COST_SAMPLES = 5  # metric flushes and checkpoints timed after each engine run
-DELIVERY_THREAD = "mlflow-delivery"  # the name engine/tracking.py gives its background thread
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -258,12 +256,6 @@ class EpochClock(HookBase):
         self.times.lap()
 
 
-def thread_cpu_seconds(name: str) -> float:
-    """CPU seconds used so far by this process's live threads called ``name`` (Linux /proc; 0 elsewhere)."""
-    tids = [thread.native_id for thread in threading.enumerate() if thread.name == name and thread.native_id]
-    return sum(proc_cpu_seconds(f"/proc/self/task/{tid}/stat") for tid in tids)
-
-
 def children_cpu_seconds() -> float:
     """CPU seconds used so far by this process's live child processes, e.g. persistent DataLoader workers."""
     children = []
@@ -364,9 +356,9 @@ def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, w
         trainer.train()
     costs = None
     if with_costs and tracker:
-        # Metrics are sent every few seconds, not every epoch: the delivery thread's CPU over the whole run.
+        # Metrics are sent every few seconds, not every epoch: the delivery process's CPU over the whole run.
         tracker.flush()
-        delivery_cpu = thread_cpu_seconds(DELIVERY_THREAD) / cfg.TRAIN.MAX_EPOCHS
+        delivery_cpu = proc_cpu_seconds(f"/proc/{tracker.delivery_pid}/stat") / cfg.TRAIN.MAX_EPOCHS
         costs = {**measure_costs(trainer, tracker, cfg.LOG.PERIOD), "delivery_cpu_per_epoch": delivery_cpu}
     if tracker is not None:
         tracker.end("FINISHED")
@@ -531,7 +523,7 @@ def print_step_costs(results: dict, args) -> None:
         spread = f"{min(stats.wall) / steps * 1e6:.0f}-{max(stats.wall) / steps * 1e6:.0f}"
         print(f"{mode:<24}{micros:>9.1f}{over:>11}{spread:>14}{step_microseconds(stats, steps, stats.cpu):>9.1f}")
     print("(medians over the timed epochs of every repeat, epoch-end checkpoint included; cpu us: CPU time of "
-          "this process, all threads, per step)")
+          "this process, all threads, and of its children (the MLflow delivery process), per step)")
     print(f"\ntargets ({args.device}; microseconds per step over tiny_bare, medians):")
     for mode, most in TINY_TARGETS:
         if mode not in results or base is None:
@@ -557,9 +549,9 @@ def print_costs(results: dict) -> None:
     print(f"  metric flush (flush_metrics)       {costs['flush'] * 1e3:7.1f} ms  training thread, "
           f"x{flushes} per epoch")
     print(f"  -> on the training thread per epoch  {on_thread * 1e3:7.1f} ms  = {on_thread / epoch:.1%} of the epoch")
-    print(f"  one flush delivered to MLflow        {costs['delivery'] * 1e3:7.1f} ms  wall, background thread")
-    print(f"  delivery thread CPU per epoch        {delivery * 1e3:7.1f} ms  = {delivery / epoch:.1%} of the epoch, "
-          "competing with training for the cores and the GIL")
+    print(f"  one flush delivered to MLflow        {costs['delivery'] * 1e3:7.1f} ms  wall, delivery process")
+    print(f"  delivery process CPU per epoch       {delivery * 1e3:7.1f} ms  = {delivery / epoch:.1%} of the epoch, "
+          "another process (no GIL), competing with training for the cores where they are few")
 
 
 def print_weights_check(results: dict, tracked: str, untracked: str) -> None:

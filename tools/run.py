@@ -61,12 +61,16 @@ def train(cfg, resume: bool = False, extra_tags: dict | None = None, hooks=(), l
             raise
         except BaseException:
             folder.discard_if_unused(started="trainer" in built and built["trainer"].iter > 0)
+            if built.get("tracker") is not None:  # ended already if the run started; else its process ends here
+                built["tracker"].close()
             raise
     return folder.path
 
 
 def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, device, num_gpus, built) -> None:
     folder.start_log()
+    # First, so that its delivery process imports MLflow and opens the store while the run is being built.
+    built["tracker"] = tracker = build.make_tracker(cfg, folder) if is_main_process() else None
     resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
         if resume else None
     folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
@@ -76,7 +80,6 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
     data = build.build_data(cfg, device)
     model = build.build_model_for_training(cfg, device, num_gpus)
     ema = build.build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated, and saved as model_best / model_final (None = off)
-    tracker = build.make_tracker(cfg, folder) if is_main_process() else None
     built["trainer"] = trainer = build.build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss, ema)
     record = build.build_run_record(cfg, device, num_gpus, data, tracker, extra_tags)
     final = build.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device)
