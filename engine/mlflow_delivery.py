@@ -44,6 +44,7 @@ def make_client(uri: str):
     root = artifact_root(uri)
     if root is None:
         return MlflowClient(tracking_uri=uri)
+    Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     # MLflow creates the "Default" experiment of a new database with the artifact root it reads from this
     # variable when it opens the store (in the constructor or the first request, after which the store is
     # cached); without it, that experiment's artifacts would land in ./mlruns of whatever the cwd is.
@@ -309,13 +310,13 @@ class DeliveryServer:
         self.queue: DeliveryQueue | None = None
         self.sampler = None
         self._sampler_options: dict | None = None
-        self._client = None  # opened early ("open"), while the training process is still being built
         self._lock = threading.Lock()
+        self._client = None  # opened early ("open"), while the training process is still being built
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "open":
-            self._open(**message[1])
+            self._open(message[1])
         elif kind == "start":
             self._start(**message[1])
         elif kind == "items":
@@ -332,17 +333,17 @@ class DeliveryServer:
             self._stop_sampler()
             self.tell("system_metrics_stopped")
 
-    def _open(self, tracking_uri: str, experiment_name: str) -> None:
-        """Open the store before the run is started (a new SQLite store creates its tables here)."""
+    def _open(self, tracking_uri: str) -> None:
+        """Connect to an existing store before the run starts (nothing is written to it)."""
         try:
             self._client = make_client(tracking_uri)
-            self._client.get_experiment_by_name(experiment_name)
+            self._client.search_experiments(max_results=1)  # SQLite: the engine and its tables; HTTP: a request
         except Exception:  # unreachable, or worse: "start" tries again and reports it
-            pass
+            self._client = None
 
     def _start(self, **run) -> None:
-        client = self._client if self._client is not None and self._client.tracking_uri == run["tracking_uri"] else None
-        self.run = RunDelivery(**run, on_run_id=self._on_run_id, client=client)
+        early = self._client if self._client is not None and self._client.tracking_uri == run["tracking_uri"] else None
+        self.run = RunDelivery(**run, on_run_id=self._on_run_id, client=early)
         self.queue = DeliveryQueue(self.run.deliver, on_delivered=lambda count: self.tell("delivered", count))
         try:
             self.run.ensure_run()
@@ -403,8 +404,17 @@ def serve(read_fd: int, write_fd: int) -> None:
         with lock:
             outbox.send(message)
 
-    # Our own lines (retries, outages) go to the training's log; MLflow's chatter only from warnings up.
-    logging.getLogger().addHandler(_ForwardToParent(tell))
+    # Our own lines (retries, outages) go to the training's log; MLflow's chatter ("Creating initial MLflow
+    # database tables") not at all, its warnings and errors too. MLflow gives its logger a handler of its own
+    # when it is imported: replaced here.
+    import mlflow  # noqa: F401 - now, while the training process builds the run (it touches no store yet)
+
+    forward = _ForwardToParent(tell)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).handlers = [forward]
+        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).propagate = False
+    logging.getLogger().addHandler(forward)
     logging.getLogger().setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)
     logging.captureWarnings(True)

@@ -44,8 +44,6 @@ def resolve_tracking_uri(configured: str = "") -> str:
     if scheme not in KNOWN_SCHEMES or (scheme in ("http", "https") and not parsed.hostname):
         raise ConfigError(f"malformed MLflow tracking URI '{uri}'; use e.g. http://127.0.0.1:5000 or "
                           f"sqlite:////absolute/path/mlflow.db (set MLFLOW.TRACKING_URI or MLFLOW_TRACKING_URI)")
-    if scheme == "sqlite":
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
@@ -84,9 +82,11 @@ class MLflowTracker:
         self.run_id: str | None = None
         self._announced, self._lock = False, threading.Lock()
         self._header: dict = {}  # what tools/upload_pending.py needs to create the run, if it never existed
-        self._process = DeliveryProcess(on_run_id=self._learned_run_id)
-        # It imports MLflow and opens the store while the training process builds the run.
-        self._process.post("open", {"tracking_uri": tracking_uri, "experiment_name": experiment_name})
+        self._process = DeliveryProcess(on_run_id=self._learned_run_id)  # imports MLflow while the run is built
+        if not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///"):]).is_file():
+            # ... and connects to the store, where one exists already (a run refused before it starts must
+            # leave no new store behind).
+            self._process.post("open", tracking_uri)
 
     @property
     def delivery_pid(self) -> int:

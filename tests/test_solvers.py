@@ -4,6 +4,8 @@ Schedules are per iteration: ``build_lr_scheduler(cfg, optimizer, iters_per_epoc
 ``scheduler.step()`` after every optimizer step (the LRScheduler hook does this in training).
 """
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,25 @@ def test_the_schedule_counts_optimizer_steps_so_it_resumes_from_its_state():
     assert second.get_last_lr() == first.get_last_lr()
     first_optimizer.step(), first.step(), second_optimizer.step(), second.step()
     assert second.get_last_lr() == first.get_last_lr()
+
+
+def test_the_per_iteration_schedule_sets_the_same_lrs_as_torchs_lambda_lr_and_resumes_from_its_state():
+    from solvers.lr_schedulers import PerIterationLR
+
+    def factor(iteration):
+        return 0.5 * (1 + math.cos(math.pi * iteration / 40)) * min(1.0, (iteration + 1) / 7)
+
+    ours_optimizer, torch_optimizer = (torch.optim.SGD(model().parameters(), lr=0.3) for _ in range(2))
+    ours, reference = PerIterationLR(ours_optimizer, factor), torch.optim.lr_scheduler.LambdaLR(torch_optimizer, factor)
+    for _ in range(40):
+        assert ours_optimizer.param_groups[0]["lr"] == torch_optimizer.param_groups[0]["lr"]  # bit for bit
+        assert ours.get_last_lr() == reference.get_last_lr()
+        ours.step()
+        reference.step()
+
+    # A checkpoint written with LambdaLR's state (before this scheduler existed) resumes at its iteration.
+    resumed_optimizer = torch.optim.SGD(model().parameters(), lr=0.3)
+    resumed = PerIterationLR(resumed_optimizer, factor)
+    resumed.load_state_dict(reference.state_dict())
+    assert resumed.last_epoch == 40
+    assert resumed_optimizer.param_groups[0]["lr"] == torch_optimizer.param_groups[0]["lr"]

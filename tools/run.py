@@ -69,7 +69,8 @@ def train(cfg, resume: bool = False, extra_tags: dict | None = None, hooks=(), l
 
 def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, device, num_gpus, built) -> None:
     folder.start_log()
-    # First, so that its delivery process imports MLflow and opens the store while the run is being built.
+    # First, so that its delivery process imports MLflow while the run is being built (the store is untouched
+    # until the run starts: a run refused before that leaves no trace in it).
     built["tracker"] = tracker = build.make_tracker(cfg, folder) if is_main_process() else None
     resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
         if resume else None
