@@ -105,9 +105,12 @@ class MLflowTracker:
     def start(self, params: dict, tags: dict | None = None, run_id: str | None = None) -> str | None:
         """Create the run (or re-attach ``run_id``) and log the params it lacks; never raises for an outage."""
         self.run_id = run_id
-        self._header = {"params": dict(params), "tags": dict(tags or {})}
+        # Plain strings: a value such as torch.__version__ (a str subclass) would make the delivery process
+        # import torch to unpickle it; MLflow stores strings anyway.
+        params, tags = {k: str(v) for k, v in params.items()}, {k: str(v) for k, v in (tags or {}).items()}
+        self._header = {"params": params, "tags": tags}
         start = {"tracking_uri": self.tracking_uri, "experiment_name": self.experiment_name,
-                 "run_name": self.run_name, "params": params, "tags": tags or {}, "run_id": run_id}
+                 "run_name": self.run_name, "params": params, "tags": tags, "run_id": run_id}
         answer = self._process.ask(("start", start), ("started", "failed"), timeout=START_TIMEOUT)
         if answer is None:
             raise RuntimeError("the MLflow delivery process did not start (see the lines above)")
@@ -153,7 +156,7 @@ class MLflowTracker:
     def log_metrics(self, records) -> None:
         """Queue ``(name, value, step)`` records. Steps a re-attached run already holds are skipped."""
         now = int(time.time() * 1000)
-        self._process.post_items([("metric", name, value, step, now) for name, value, step in records])
+        self._process.post_items([("metric", name, float(value), int(step), now) for name, value, step in records])
 
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
         self._queue_one(("artifact", str(local_path), artifact_path))
@@ -228,7 +231,7 @@ class MLflowTracker:
         logger.info(f"registered the model as '{name}' version {version.version} (models:/{name}/latest)")
 
     def set_tags(self, tags: dict) -> None:
-        self._queue_one(("tags", dict(tags)))
+        self._queue_one(("tags", {k: str(v) for k, v in tags.items()}))
 
     def log_table(self, data: dict, artifact_file: str) -> None:
         """``{"column": [values, ...]}`` as an MLflow table (shown in the run's artifacts and evaluation view)."""
