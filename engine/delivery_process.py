@@ -54,6 +54,8 @@ class DeliveryProcess:
     # ---- called by the tracker -------------------------------------------------------------------------------
     def post_items(self, items: list, urgent: bool = False) -> None:
         """Queue items for delivery; metrics go with the sender's next write, anything else at once."""
+        if not items:
+            return
         with self._condition:
             self._unacked.extend(items)
             self._outbox.append(("items", items))

@@ -28,11 +28,15 @@ MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_REQUEST = 100
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go beside the database instead of into ``./mlruns`` of the cwd."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    return None
+    database = sqlite_path(uri)
+    return (database.resolve().parent / "artifacts").as_uri() if database is not None else None
 
 
 def make_client(uri: str):
@@ -44,7 +48,7 @@ def make_client(uri: str):
     root = artifact_root(uri)
     if root is None:
         return MlflowClient(tracking_uri=uri)
-    Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
     # MLflow creates the "Default" experiment of a new database with the artifact root it reads from this
     # variable when it opens the store (in the constructor or the first request, after which the store is
     # cached); without it, that experiment's artifacts would land in ./mlruns of whatever the cwd is.

@@ -24,7 +24,7 @@ from config import ConfigError
 from config.defaults import REPO_ROOT
 from engine.checkpoint import atomic_write_bytes
 from engine.delivery_process import DeliveryProcess
-from engine.mlflow_delivery import artifact_root, environment, make_client, short  # noqa: F401 (re-exported)
+from engine.mlflow_delivery import artifact_root, environment, make_client, short, sqlite_path  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("engine")
 
@@ -81,9 +81,11 @@ class MLflowTracker:
         self.on_run_id = on_run_id
         self.run_id: str | None = None
         self._announced, self._lock = False, threading.Lock()
+        self._before_delivery = None
         self._header: dict = {}  # what tools/upload_pending.py needs to create the run, if it never existed
         self._process = DeliveryProcess(on_run_id=self._learned_run_id)  # imports MLflow while the run is built
-        if not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///"):]).is_file():
+        database = sqlite_path(tracking_uri)
+        if database is None or database.is_file():
             # ... and connects to the store, where one exists already (a run refused before it starts must
             # leave no new store behind).
             self._process.post("open", tracking_uri)
@@ -95,10 +97,11 @@ class MLflowTracker:
 
     @property
     def before_delivery(self):
-        return None
+        return self._before_delivery
 
     @before_delivery.setter
     def before_delivery(self, call) -> None:
+        self._before_delivery = call
         self._process.post("before_delivery", call)
 
     # ---- run lifecycle -----------------------------------------------------------------------------------
