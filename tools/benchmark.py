@@ -3,6 +3,7 @@
 
     python tools/benchmark.py                                # CPU, 10,240 CIFAR-shaped images, every mode
     python tools/benchmark.py --modes bare,engine --epochs 3 --device cuda   # AMP on every side (--no-amp: off)
+    python tools/benchmark.py --modes bare,engine --device cuda --model resnet18   # ResNet-18 instead of the LeNet
 
 Modes, all run in this one process:
   bare                hand-written loop (forward, loss, backward, SGD step) over pre-normalized float tensors
@@ -100,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated subset of {', '.join(MODES + TINY_MODES)}")
     parser.add_argument("--tiny-steps", type=int, default=2560,
                         help="steps per epoch of the tiny_* modes (default 2560: 40,960 images of batch 16)")
+    parser.add_argument("--model", default="simple_cnn", choices=("simple_cnn", "resnet18"),
+                        help="TRAIN.MODEL_TYPE of every mode but tiny_* (default simple_cnn, the LeNet)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="fp16 autocast + GradScaler in every mode (TRAIN.AMP); default: on with --device cuda")
@@ -158,7 +161,7 @@ class Workspace:
             "MLFLOW.TRACKING_URI", f"sqlite:///{self.root / 'store' / 'mlflow.db'}",
             "MLFLOW.EXPERIMENT_NAME", "benchmark", "MLFLOW.RUN_NAME", mode,
             "TRAIN.AMP", str(self.args.amp), "TRAIN.CHANNELS_LAST", str(self.args.channels_last),
-            *(TINY_IMAGE if tiny else []),
+            *(TINY_IMAGE if tiny else ["TRAIN.MODEL_TYPE", self.args.model]),
         ]
         return load_config(None, base + list(opts))
 
