@@ -247,16 +247,20 @@ class EpochTimes:
 
 
 class EpochClock(HookBase):
-    """Registered after every other hook: an epoch lasts until its last ``after_epoch`` hook has returned."""
+    """Registered after every other hook: an epoch lasts until its last ``after_epoch`` hook has returned.
+    With ``watch_pid`` it also reads that process's CPU seconds when the warm-up epoch ends."""
 
-    def __init__(self, device):
+    def __init__(self, device, watch_pid: int | None = None):
         self.times = EpochTimes(device)
+        self.watch_pid, self.watched_after_warmup = watch_pid, 0.0
 
     def before_train(self):
         self.times.start()
 
     def after_epoch(self):
         self.times.lap()
+        if self.watch_pid is not None and len(self.times.wall) == 1:
+            self.watched_after_warmup = proc_cpu_seconds(f"/proc/{self.watch_pid}/stat")
 
 
 def children_cpu_seconds() -> float:
@@ -353,15 +357,17 @@ def run_engine(workspace: Workspace, mode: str, opts=(), tracked: bool = True, w
     for hook in trainer.hooks:
         if isinstance(hook, ProgressBar):
             hook.stream, hook.enabled = workspace.devnull, True  # still drawn, just not on the terminal
-    clock = EpochClock(device)
+    clock = EpochClock(device, watch_pid=tracker.delivery_pid if tracker is not None else None)
     trainer.register_hooks([clock])
     with PeakMemory(device) as memory:
         trainer.train()
     costs = None
     if with_costs and tracker:
-        # Metrics are sent every few seconds, not every epoch: the delivery process's CPU over the whole run.
+        # Metrics are sent every few seconds, not every epoch: the delivery process's CPU from the end of the
+        # warm-up epoch (its start-up, the mlflow import and the store, excluded) until all is delivered.
         tracker.flush()
-        delivery_cpu = proc_cpu_seconds(f"/proc/{tracker.delivery_pid}/stat") / cfg.TRAIN.MAX_EPOCHS
+        delivered_cpu = proc_cpu_seconds(f"/proc/{tracker.delivery_pid}/stat") - clock.watched_after_warmup
+        delivery_cpu = delivered_cpu / (cfg.TRAIN.MAX_EPOCHS - 1)
         costs = {**measure_costs(trainer, tracker, cfg.LOG.PERIOD), "delivery_cpu_per_epoch": delivery_cpu}
     if tracker is not None:
         tracker.end("FINISHED")
