@@ -120,6 +120,7 @@ class Trainer:
         # train_loss and checked for NaN or inf at the next flush_metrics, in one batch of tensor ops and the
         # flush's one host sync, instead of several small ops every step.
         self._step_losses: list[tuple[torch.Tensor, int, int]] = []
+        self._loss_gradients: dict[int, torch.Tensor] = {}  # by samples in the step (the last may be short)
         self._autocast = functools.partial(torch.autocast, self.device.type, self.amp_dtype) if self.amp \
             else nullcontext
         self.hooks: list[HookBase] = []
@@ -186,12 +187,20 @@ class Trainer:
             with self._maybe_no_sync(last), self._autocast():
                 loss = self.loss(self.model(batch.images), batch.labels)
             loss = loss if loss.dtype == torch.float32 else loss.float()
-            # Sum over local samples / samples of the whole step; DDP averages gradients over ranks, so
-            # scaling by world_size makes the gradient the mean over the global step.
-            self.scaler.scale(loss * (self.world_size / step_samples)).backward()
+            loss.backward(self.scaler.scale(self._loss_gradient(step_samples)))
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         self._optimizer_step()
         self._step_losses.append((loss_sum, step_samples, self.iter + 1))
+
+    def _loss_gradient(self, step_samples: int) -> torch.Tensor:
+        """d(mean loss of the step)/d(this process's summed loss) = world_size / step_samples (DDP averages
+        gradients over ranks). Handed to ``backward`` as its starting gradient: the same float32 value as
+        multiplying the loss by it first, without a multiply and its backward node at every step."""
+        gradient = self._loss_gradients.get(step_samples)
+        if gradient is None:
+            gradient = torch.tensor(self.world_size / step_samples, dtype=torch.float32, device=self.device)
+            self._loss_gradients[step_samples] = gradient
+        return gradient
 
     def _optimizer_step(self) -> None:
         if self.clip_grad_norm > 0:
