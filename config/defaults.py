@@ -101,6 +101,9 @@ _C.MLFLOW.REGISTER_MODEL = ""
 # CPU, memory, disk and network (GPU utilisation, memory and power on NVIDIA GPUs) as system/... metrics,
 # sampled every 10 s by MLflow's monitor on a background thread, plus a last sample at the end.
 _C.MLFLOW.SYSTEM_METRICS = True
+# Seconds a finished run waits at most for MLflow to take what is still queued (an unreachable server, a slow
+# store). What is left then stays in OUTPUT_DIR/mlflow_pending.jsonl for tools/upload_pending.py.
+_C.MLFLOW.END_WAIT = 60.0
 
 _C.LOG = CN()
 _C.LOG.PERIOD = 20  # iterations between metric writes and console lines (every step's loss is logged)

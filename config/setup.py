@@ -112,6 +112,7 @@ def validate_config(cfg: CfgNode) -> None:
         ("EVAL.SPLIT", cfg.EVAL.SPLIT in ("val", "test"), "val or test"),
         ("CHECKPOINT.PERIOD", cfg.CHECKPOINT.PERIOD >= 0, "zero (epoch ends only) or positive"),
         ("CHECKPOINT.KEEP", cfg.CHECKPOINT.KEEP >= 1, "a positive integer"),
+        ("MLFLOW.END_WAIT", cfg.MLFLOW.END_WAIT >= 0, "zero or a positive number of seconds"),
     ]
     for key, ok, expected in checks:
         if not ok:

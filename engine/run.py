@@ -182,7 +182,7 @@ class TrainingRun:
         self.trainer, self.checkpointer, self.tracker = trainer, checkpointer, tracker
         self.record, self.final = record, final
         self.system_metrics = None
-        self.status, self.wait_for_mlflow, self.quick = "FAILED", 60.0, False
+        self.status, self.wait_for_mlflow, self.quick = "FAILED", None, False  # None: the tracker's end_wait
 
     def run(self, resumed=None, previous_run: str | None = None) -> None:
         if resumed is not None:
@@ -274,7 +274,7 @@ def start_tracker(tracker, record: RunRecord, previous_run: str | None = None) -
         thread.start()
 
 
-def end_tracker(tracker, status: str, wait: float = 60.0) -> None:
+def end_tracker(tracker, status: str, wait: float | None = None) -> None:
     """The final log.txt, then the final status once everything queued was delivered (or saved for later)."""
     sys.stdout.flush()
     if tracker.pending_dir is not None:

@@ -75,8 +75,9 @@ class MLflowTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str = "", pending_dir=None,
-                 on_run_id=None):
+                 on_run_id=None, end_wait: float = 60.0):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
+        self.end_wait = end_wait  # the longest ``end`` waits for delivery (MLFLOW.END_WAIT)
         self.pending_dir = Path(pending_dir) if pending_dir else None
         self.on_run_id = on_run_id
         self.run_id: str | None = None
@@ -132,13 +133,14 @@ class MLflowTracker:
         self._process.post("system_metrics", options)
         return SystemMetricsInDelivery(self._process)
 
-    def end(self, status: str = "FINISHED", timeout: float = 60.0) -> bool:
-        """Deliver what is queued (waiting at most ``timeout``), then mark the run FINISHED, FAILED or KILLED.
+    def end(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
+        """Deliver what is queued (waiting at most ``timeout``, and never longer than ``end_wait``), then mark
+        the run FINISHED, FAILED or KILLED.
 
         Returns False when something could not be delivered; it is then in ``mlflow_pending.jsonl``.
         """
         self._process.post_items([("status", status)], urgent=True)
-        delivered = self._process.wait_delivered(timeout)
+        delivered = self._process.wait_delivered(self.end_wait if timeout is None else min(timeout, self.end_wait))
         self._process.close()
         self.save_pending(quiet=False)
         return delivered

@@ -243,6 +243,7 @@ def test_bool_keys_take_the_words_a_yaml_file_takes(word, expected, tmp_path):
     ("TRAIN.GPUS", "-2", "TRAIN.GPUS must be -1 (all visible), 0 (CPU) or a positive count, got -2"),
     ("TRAIN.DISTRIBUTED_BACKEND", "horovod", "TRAIN.DISTRIBUTED_BACKEND must be one of dp, ddp, none, got 'horovod'"),
     ("TRAIN.MILESTONES", "[0, 3]", "TRAIN.MILESTONES must be a list of positive epoch numbers, got [0, 3]"),
+    ("MLFLOW.END_WAIT", "-1", "MLFLOW.END_WAIT must be zero or a positive number of seconds, got -1.0"),
 ])
 def test_values_out_of_range_are_refused(key, value, expected):
     assert config_error(key, value) == expected

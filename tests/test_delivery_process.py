@@ -61,3 +61,18 @@ def test_the_delivery_process_imports_mlflow_but_never_torch():
     result = subprocess.run([PYTHON, "-c", code, str(REPO_ROOT)], capture_output=True, text=True, timeout=120,
                             env=process_env())
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_delivery_process_runs_at_the_lowest_cpu_priority(tmp_path):
+    from engine.tracking import MLflowTracker
+
+    def niceness(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+    tracker = MLflowTracker(sqlite_uri(tmp_path), "digits")
+    try:  # set by the child as it starts; 19 more than the training's, at most 19: it runs in the gaps
+        wait_for(lambda: niceness(tracker.delivery_pid) == min(19, os.nice(0) + 19), "nice 19", timeout=60)
+        assert os.nice(0) == niceness(os.getpid())  # the training itself is left as it was
+    finally:
+        tracker.close()

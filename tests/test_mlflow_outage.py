@@ -46,7 +46,8 @@ def outage(tmp_path_factory, reference):
     server, late_server = MlflowServer(workdir / "server"), MlflowServer(workdir / "late-server")
     mid_run = Training(small_run_args(workdir / "mid-run", server.url, "LOG.PERIOD", "1"), workdir, "mid-run",
                        slow_step=SLOW_STEP)
-    whole_run = Training(small_run_args(workdir / "whole-run", late_server.url), workdir, "whole-run")
+    whole_run = Training(small_run_args(workdir / "whole-run", late_server.url, "MLFLOW.END_WAIT", "5"), workdir,
+                         "whole-run")
     facts = {"mid-run": workdir / "mid-run", "whole-run": workdir / "whole-run", "server": server,
              "late server": late_server}
     try:
@@ -142,7 +143,7 @@ def test_without_a_server_the_run_finishes_and_keeps_its_records_in_a_pending_fi
     assert f"upload later with: python tools/upload_pending.py {output_dir}" in log
     records = outage["pending file"]
     assert sum('"metric", "train_loss"' in line for line in records) == MAX_ITER
-    # Waiting for the server at the end is bounded (the tracker gives it 60 s): the run gave up and ended.
+    # Waiting for the server at the end is bounded (MLFLOW.END_WAIT, 5 s here): the run gave up and ended.
     print(f"after training, the run waited {outage['whole-run wait at the end']:.0f} s for MLflow before giving up")
     assert outage["whole-run exit code"] == 0
 

@@ -188,7 +188,8 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
 def make_tracker(cfg, folder) -> MLflowTracker:
     """The MLflow tracker of a run whose files are in ``folder`` (a RunFolder): it learns the run id there."""
     return MLflowTracker(resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI), cfg.MLFLOW.EXPERIMENT_NAME,
-                         cfg.MLFLOW.RUN_NAME, pending_dir=folder.path, on_run_id=folder.remember_run_id)
+                         cfg.MLFLOW.RUN_NAME, pending_dir=folder.path, on_run_id=folder.remember_run_id,
+                         end_wait=cfg.MLFLOW.END_WAIT)
 
 
 def build_run_record(cfg, device, num_gpus: int, data: Data, tracker, extra_tags: dict,

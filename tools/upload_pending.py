@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     header, items = read_pending_file(pending_path)
     run_id = header.get("run_id") or _read(args.output_dir / "mlflow_run_id")
     tracker = MLflowTracker(args.tracking_uri or header["tracking_uri"], header["experiment"],
-                            header.get("run_name", ""), pending_dir=args.output_dir)
+                            header.get("run_name", ""), pending_dir=args.output_dir, end_wait=args.timeout)
     # Re-queues the pending file's metrics, artifacts and tags; params and tags apply when the run is new.
     tracker.start(header.get("params", {}), tags=header.get("tags", {}), run_id=run_id)
     if tracker.run_id is None:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         return 1
     tracker.log_artifact(args.output_dir / "log.txt")  # the final log, whatever was queued before
     status = next((item[1] for item in reversed(items) if item[0] == "status"), "FINISHED")
-    if not tracker.end(status, timeout=args.timeout):
+    if not tracker.end(status):
         print(f"error: some records are still undelivered; they stay in {pending_path}", file=sys.stderr)
         return 1
     print(f"uploaded {sum(item[0] == 'metric' for item in items)} metric values to run {tracker.run_id}")
