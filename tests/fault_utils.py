@@ -47,13 +47,17 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 # config/digits.yaml for 3 epochs: 1,797 images, 25% held out, batches of 64 -> 22 iterations per epoch.
 ITERS_PER_EPOCH = 22
 MAX_ITER = 3 * ITERS_PER_EPOCH
+# The recipe's per-step state (EMA of the weights, mixup and cutmix draws, label smoothing) is on in every
+# fault test, so that each kill, signal and outage also proves that state survives.
+RECIPE = ["TRAIN.EMA_DECAY", "0.99", "TRAIN.LABEL_SMOOTHING", "0.1", "TRAIN.MIXUP_ALPHA", "0.2",
+          "TRAIN.CUTMIX_ALPHA", "1.0"]
 SMALL_RUN = ["TRAIN.MAX_EPOCHS", "3", "CHECKPOINT.PERIOD", "4", "MLFLOW.LOG_MODEL", "False",
-             "LOG.PROGRESS_BAR", "False"]
+             "LOG.PROGRESS_BAR", "False", *RECIPE]
 WAIT = 240  # seconds: the longest any single wait may take (a process start takes 10-30 s on 2 busy cores)
 
 
 def small_run_args(output_dir, tracking_uri, *extra) -> list[str]:
-    """``train_net.py`` arguments of the small digits run every fault test uses."""
+    """``train_net.py`` arguments of the small digits run (with the recipe) every fault test uses."""
     return ["--config-file", str(DIGITS_CONFIG), *SMALL_RUN, "OUTPUT_DIR", str(output_dir),
             "MLFLOW.TRACKING_URI", str(tracking_uri), *extra]
 

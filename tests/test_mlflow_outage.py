@@ -3,7 +3,7 @@
 Two runs of the small digits config log to a real ``mlflow server`` on 127.0.0.1, at the same time:
 
 * "mid-run": its server is up when it starts, is killed (SIGKILL, as in a crash) once the first metrics
-  arrived, and is started again on the same port. Steps are slowed down (0.4 s each, no effect on the
+  arrived, and is started again on the same port. Steps are slowed down (0.25 s each, no effect on the
   numbers) so that the outage falls in the middle of training.
 * "whole-run": no server answers on its port until the run is over. The records it could not deliver go
   to OUTPUT_DIR/mlflow_pending.jsonl; then its server starts and ``tools/upload_pending.py`` delivers them.
@@ -32,7 +32,7 @@ from fault_utils import (
     wait_for,
 )
 
-SLOW_STEP = 0.4
+SLOW_STEP = 0.25
 
 
 @pytest.fixture(scope="module")

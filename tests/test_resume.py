@@ -1,11 +1,12 @@
 """Crash a training as often as you like: ``--resume`` ends with the same model and the same MLflow run.
 
-One run of ``config/digits.yaml`` (3 epochs, a checkpoint every 4 iterations) is killed with SIGKILL at five
+One run of ``config/digits.yaml`` (3 epochs, a checkpoint every 4 iterations, the recipe on: an EMA of the
+weights, label smoothing, mixup and cutmix) is killed with SIGKILL at five
 different moments: before its first checkpoint, mid-epoch, in the middle of writing a checkpoint, and between
 the periodic and the epoch-end checkpoint of an epoch's last iteration. After each kill the same command plus
-``--resume`` continues it. The final ``model_final.pth`` must equal, bit for bit, that of an uninterrupted run
-(the shared reference run of fault_utils), and the one MLflow run must hold every step once, with the
-uninterrupted run's values.
+``--resume`` continues it. The final ``model_final.pth`` and the EMA state must equal, bit for bit, those of an
+uninterrupted run (the shared reference run of fault_utils), and the one MLflow run must hold every step once,
+with the uninterrupted run's values.
 """
 
 import random
@@ -161,6 +162,14 @@ def test_five_kills_and_resumes_end_with_the_uninterrupted_model(crashed_run, re
     assert_same_weights(crashed_run.output_dir / "model_final.pth", reference.model_final)
 
 
+def test_the_weight_average_survives_the_kills_bit_for_bit(crashed_run, reference):
+    last = f"checkpoint_{MAX_ITER:08d}.pth"
+    final, expected = load_weights(crashed_run.output_dir / last), load_weights(reference.output_dir / last)
+    assert final["hooks"]["EMAHook"]["updates"] == expected["hooks"]["EMAHook"]["updates"] == MAX_ITER
+    for name, average in expected["hooks"]["EMAHook"]["model"].items():
+        assert torch.equal(final["hooks"]["EMAHook"]["model"][name], average), name
+
+
 def test_the_resumed_mlflow_run_has_every_step_with_the_uninterrupted_values(crashed_run, reference):
     (run,) = runs_of(crashed_run.tracking_uri)  # every process re-attached the same run
     assert {run_id for log in crashed_run.logs for run_id in mlflow_run_ids(log)} == {run.info.run_id}
@@ -186,7 +195,7 @@ def test_params_are_logged_once_and_not_changed_by_the_resumes(crashed_run, refe
 
 def test_the_resumed_run_keeps_every_epoch_end_evaluation(crashed_run, reference):
     (run,) = runs_of(crashed_run.tracking_uri)
-    for key in ("val_loss", "val_acc1", "epoch"):
+    for key in ("val_loss", "val_acc1", "val_loss_raw", "val_acc1_raw", "epoch"):  # raw: the weights, not the EMA
         history = metric_history(crashed_run.tracking_uri, run.info.run_id, key)
         assert history == reference.history(key), key  # reference: one value at each of 22, 44, 66
 
@@ -230,8 +239,8 @@ def test_a_checkpoint_holds_the_whole_training_state_and_loads_weights_only(refe
     assert {"python", "numpy", "torch", "cuda"} <= rng.keys()
     assert checkpoint["hooks"]["MetricWriter"]["mlflow_run_id"] == reference.run_id  # the run a resume re-attaches
     assert "MAX_EPOCHS: 3" in checkpoint["config"]
-    final = load_weights(output_dir / "model_final.pth")
-    assert all(torch.equal(final[name], tensor) for name, tensor in checkpoint["model"].items())
+    final = load_weights(output_dir / "model_final.pth")  # with TRAIN.EMA_DECAY on: the weight average
+    assert all(torch.equal(final[name], tensor) for name, tensor in checkpoint["hooks"]["EMAHook"]["model"].items())
 
 
 def test_the_epoch_end_checkpoint_remembers_the_best_accuracy_so_far(reference):
