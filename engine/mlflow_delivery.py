@@ -359,6 +359,12 @@ class DeliveryServer:
             self.tell("started", None, f"MLflow at {self.run.tracking_uri} is unreachable ({short(error)}); "
                                        "training goes on and the run is created, with everything logged so far, "
                                        "when it answers")
+        # From here on the lowest priority (the mlflow import and the run's creation, which the training waits
+        # for, ran at the normal one): the scheduler then does not wake this process in the middle of a training
+        # step on a core one of torch's OpenMP threads needs; it runs in the gaps. On 2 cores with 2 torch
+        # threads this took LeNet at batch 16 from 0.88-0.92 of the bare loop to 0.93-0.96 (tools/benchmark.py);
+        # nice 5 or 10 or SCHED_BATCH did not help.
+        os.nice(19)
         self.queue.start()
 
     def _on_run_id(self, run_id: str) -> None:
@@ -401,10 +407,6 @@ def serve(read_fd: int, write_fd: int) -> None:
     """The child process: deliver what arrives on ``read_fd`` until it closes; answer on ``write_fd``."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)  # Ctrl+C reaches the whole process group; the training decides
-    # The lowest priority: the scheduler then does not wake this process in the middle of a training step on
-    # a core that one of torch's OpenMP threads needs; it runs in the gaps. On 2 cores with 2 torch threads
-    # this took LeNet at batch 16 from 0.90-0.92 of the bare loop to 0.94-0.96 (tools/benchmark.py).
-    os.nice(19)
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     lock = threading.Lock()
 
