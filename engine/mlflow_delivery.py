@@ -359,12 +359,10 @@ class DeliveryServer:
             self.tell("started", None, f"MLflow at {self.run.tracking_uri} is unreachable ({short(error)}); "
                                        "training goes on and the run is created, with everything logged so far, "
                                        "when it answers")
-        # From here on the lowest priority (the mlflow import and the run's creation, which the training waits
-        # for, ran at the normal one): the scheduler then does not wake this process in the middle of a training
-        # step on a core one of torch's OpenMP threads needs; it runs in the gaps. On 2 cores with 2 torch
-        # threads this took LeNet at batch 16 from 0.88-0.92 of the bare loop to 0.93-0.96 (tools/benchmark.py);
-        # nice 5 or 10 or SCHED_BATCH did not help.
-        os.nice(19)
+        # Normal CPU priority, on purpose. nice 19 took LeNet at batch 16 on 2 cores from 0.88-0.92 of the bare
+        # loop to 0.93-0.96, but on a busy machine (other trainings, the test suite) this process then starved:
+        # metrics lagged and a run's end waited tens of seconds for its last deliveries. nice 5 or 10 and
+        # SCHED_BATCH gave no gain.
         self.queue.start()
 
     def _on_run_id(self, run_id: str) -> None:

@@ -62,21 +62,3 @@ def test_the_delivery_process_imports_mlflow_but_never_torch():
                             env=process_env())
     assert result.stdout.strip() == "False", result.stderr
 
-
-def test_the_delivery_process_runs_at_the_lowest_cpu_priority(tmp_path):
-    from engine.tracking import MLflowTracker
-
-    def niceness(pid: int) -> int:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[16])
-
-    tracker = MLflowTracker(sqlite_uri(tmp_path), "digits")
-    try:
-        assert niceness(tracker.delivery_pid) == os.nice(0)  # the training waits for its start-up: full speed
-        tracker.start({"TRAIN.LR": 0.1})
-        # Once the run exists: 19 more than the training's (at most 19), so that it runs in the gaps.
-        wait_for(lambda: niceness(tracker.delivery_pid) == min(19, os.nice(0) + 19), "nice 19", timeout=60)
-        assert niceness(os.getpid()) == os.nice(0)  # the training itself is left as it was
-        assert tracker.end("FINISHED")
-    finally:
-        tracker.close()
