@@ -582,9 +582,11 @@ def main(argv=None) -> int:
     for noisy in ("mlflow", "alembic"):  # "creating initial MLflow database tables" and the like
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
-    print(f"benchmark: {args.images} images, batch {args.batch_size}, 1 warm-up + {args.epochs} timed epochs, "
-          f"{args.repeats} repeats, {args.device}{', AMP' if args.amp else ''}"
-          f"{', channels_last' if args.channels_last else ''}, {args.threads} torch threads, {args.workers} workers, "
+    sizes = (f"{args.images} images, batch {args.batch_size}, {args.threads} torch threads, {args.workers} workers"
+             if any(mode not in TINY_MODES for mode in args.modes) else
+             f"tiny modes only: {args.tiny_steps} steps of batch {TINY_BATCH}, {DEFAULT_THREADS} torch threads")
+    print(f"benchmark: {sizes}, 1 warm-up + {args.epochs} timed epochs, {args.repeats} repeats, "
+          f"{args.device}{', AMP' if args.amp else ''}{', channels_last' if args.channels_last else ''}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     if os.getloadavg()[0] > (os.cpu_count() or 1):
         print(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete for "
