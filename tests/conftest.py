@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from engine.logger import restore_streams
 
@@ -20,6 +21,10 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "_MLFLOW_SERVER_ARTIFACT_ROOT")
 # A developer's own MLFLOW_TRACKING_URI must not receive the suite's runs: every test names its own store.
 for _name in MLFLOW_ENV:
     os.environ.pop(_name, None)
+# One torch thread in the test processes, as in the trainings they start (fault_utils.process_env): two pytest
+# workers and their subprocesses share the cores, and torch's OpenMP threads spin-waiting for a thread that
+# has no core made an in-process training take 40 s instead of 4.
+torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from pathlib import Path
 from tools.benchmark import MODES, TINY_MODES
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
-TINY = ["--images", "512", "--epochs", "1", "--repeats", "1", "--threads", "1", "--tiny-steps", "64"]
+# --workers 0: the folder modes read in the main process (four worker processes, each importing torch, saved)
+TINY = ["--images", "512", "--epochs", "1", "--repeats", "1", "--threads", "1", "--tiny-steps", "64", "--workers", "0"]
 
 
 def run_benchmark(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from fault_utils import DIGITS_CONFIG, TRAIN_NET, free_port, process_env, sqlite_uri
+from fault_utils import DIGITS_CONFIG, TRAIN_NET, empty_store, free_port, process_env, sqlite_uri
 from torchrun_utils import TORCHRUN, Launch
 
 from config import load_config
@@ -109,10 +109,13 @@ class Training:
         return [path.read_text() for path in sorted(self.workdir.glob("workers/*/attempt_0/*/stderr.log"))]
 
 
-def start(root: Path, name: str, commands: list[list], *opts: str, env=None) -> Training:
-    """Start ``commands`` (``train_net.py`` under a launcher, one per node) in ``root/name`` with RUN_OPTS."""
+def start(root: Path, name: str, commands: list[list], *opts: str, env=None, store=True) -> Training:
+    """Start ``commands`` (``train_net.py`` under a launcher, one per node) in ``root/name`` with RUN_OPTS;
+    ``store``: in a copy of an empty MLflow store (else the run must never create one)."""
     training = Training(root / name.replace(" ", "_"))
     training.workdir.mkdir()
+    if store:
+        empty_store(training.workdir / "store")
     args = ["--config-file", DIGITS_CONFIG, *RUN_OPTS, "OUTPUT_DIR", training.output_dir,
             "MLFLOW.TRACKING_URI", training.tracking_uri, *opts]
     for node, command in enumerate(commands):
@@ -144,8 +147,8 @@ def trainings(tmp_path_factory):
     port = free_port()
     runs: dict[str, Training] = {}
 
-    def launch(name, commands, *opts, env=None):
-        runs[name] = start(root, name, commands, *opts, env=env)
+    def launch(name, commands, *opts, env=None, store=True):
+        runs[name] = start(root, name, commands, *opts, env=env, store=store)
 
     try:
         launch("one process", [[sys.executable, TRAIN_NET]])
@@ -156,8 +159,8 @@ def trainings(tmp_path_factory):
         launch(RESTARTED, restart, "CHECKPOINT.PERIOD", "5", env=NOISE)
         worker_logs = ("--log-dir", "workers", "--redirects", "3")
         with_worker_logs = torchrun(*two_processes, *worker_logs)
-        launch("dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp")
-        launch("odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63")
+        launch("dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp", store=False)
+        launch("odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63", store=False)
         launch(ONE_RANK, [torchrun("--standalone", "--nproc_per_node", "1")], "TRAIN.MAX_EPOCHS", "1")
         # Metrics are checked every 5 steps: the check after step 5 is where rank 1 alone has a NaN loss.
         launch(NAN_ON_RANK_1, [torchrun(*two_processes, *worker_logs, script=FAULT_SCRIPT)], "LOG.PERIOD", "5",

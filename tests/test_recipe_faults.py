@@ -12,11 +12,11 @@ import pytest
 from fault_utils import (
     MAX_ITER,
     TRAIN_NET,
+    empty_store,
     load_weights,
     process_env,
     shared_reference_run,
     small_run_args,
-    sqlite_uri,
 )
 from torchrun_utils import TORCHRUN, Launch
 
@@ -27,7 +27,7 @@ WAIT = 240
 def trainings(tmp_path_factory):
     reference = shared_reference_run(tmp_path_factory)
     ddp_dir = tmp_path_factory.mktemp("recipe_ddp")
-    args = small_run_args(ddp_dir / "output", sqlite_uri(ddp_dir / "store"), "TRAIN.DISTRIBUTED_BACKEND", "ddp")
+    args = small_run_args(ddp_dir / "output", empty_store(ddp_dir / "store"), "TRAIN.DISTRIBUTED_BACKEND", "ddp")
     ddp = Launch([TORCHRUN, "--standalone", "--nproc_per_node", "2", TRAIN_NET, *args], ddp_dir,
                  ddp_dir / "torchrun.log", process_env())
     try:

@@ -22,6 +22,7 @@ from fault_utils import (
     MAX_ITER,
     Training,
     assert_same_weights,
+    empty_store,
     load_weights,
     log_size,
     log_text,
@@ -51,7 +52,7 @@ class CrashedRun:
     after the first) and killed, until the last one finishes. ``logs[i]`` is what process i logged."""
 
     def __init__(self, workdir):
-        self.workdir, self.output_dir, self.tracking_uri = workdir, workdir / "output", sqlite_uri(workdir / "store")
+        self.workdir, self.output_dir, self.tracking_uri = workdir, workdir / "output", empty_store(workdir / "store")
         self.processes: list[Training] = []
         self.logs: list[str] = []
         self.newest_at_kill: list[str | None] = []  # the newest checkpoint when each kill came

@@ -24,6 +24,7 @@ from fault_utils import (
     TRAIN_BG,
     Training,
     assert_same_weights,
+    empty_store,
     load_weights,
     log_text,
     metric_history,
@@ -31,7 +32,6 @@ from fault_utils import (
     runs_of,
     shared_reference_run,
     small_run_args,
-    sqlite_uri,
     wait_for,
     wait_for_log,
 )
@@ -51,7 +51,7 @@ class Story:
 
     def __init__(self, workdir, name, **faults):
         self.workdir, self.output_dir, self.store = workdir, workdir / name, workdir / f"{name}-store"
-        self.tracking_uri = sqlite_uri(self.store)
+        self.tracking_uri = empty_store(self.store)
         self.args = small_run_args(self.output_dir, self.tracking_uri)
         self.first = Training(self.args, workdir, name, **faults)
         self.resumed = Training([*self.args, "--resume"], workdir, f"{name}-resumed")
