@@ -95,6 +95,7 @@ class Checkpointer:
         self.output_dir, self.keep, self.enabled = Path(output_dir), keep, enabled
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
+        self._a_write_failed = False  # set on the writer thread
 
     def save(self, iteration: int, state: dict, wait: bool = True, before_write=None) -> Path:
         """Save ``state``; ``before_write()`` (if given) runs just before the file is written, on the same thread."""
@@ -113,9 +114,21 @@ class Checkpointer:
         if self.enabled:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-            self._writes.append(self._writer.submit(write, path, serialize(obj), *args))
+            self._writes.append(self._writer.submit(self._in_order, write, path, serialize(obj), *args))
         if wait:
             self.wait()
+
+    def _in_order(self, write, path: Path, *args) -> None:
+        """Run one queued write, unless an earlier one failed (that failure stops the run): a later checkpoint
+        written after it, once the disk had room again, would move the pointer past it."""
+        if self._a_write_failed:
+            logger.warning(f"not writing {path.name}: an earlier checkpoint could not be written")
+            return
+        try:
+            write(path, *args)
+        except BaseException:
+            self._a_write_failed = True
+            raise
 
     def _write_checkpoint(self, path: Path, data, before_write) -> None:
         if before_write is not None:

@@ -165,3 +165,22 @@ def test_background_saves_land_in_order_and_prune_the_oldest(tmp_path):
 
     assert saved_names(tmp_path) == ["checkpoint_00000004.pth", "checkpoint_00000005.pth", POINTER, "model_best.pth"]
     assert (tmp_path / POINTER).read_text() == "checkpoint_00000005.pth"
+
+
+def test_a_save_queued_behind_a_failed_one_is_not_written(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=5)
+    checkpointer.save(4, state(4))
+    release = threading.Event()
+
+    def full_disk():  # the write of checkpoint 8 fails once checkpoint 12 is queued behind it
+        release.wait(60)
+        raise CheckpointError("could not write checkpoint_00000008.pth: No space left on device")
+
+    checkpointer.save(8, state(8), wait=False, before_write=full_disk)
+    checkpointer.save(12, state(12), wait=False)  # the disk has room again by the time it would be written
+    release.set()
+
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        checkpointer.wait()
+    assert (tmp_path / POINTER).read_text() == "checkpoint_00000004.pth"  # the run stops where it failed
+    assert saved_names(tmp_path) == ["checkpoint_00000004.pth", POINTER]
