@@ -62,6 +62,7 @@ from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
 from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  # noqa: E402
 from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
+from networks import MODEL_REGISTRY  # noqa: E402
 from tools.build import (  # noqa: E402
     build_data,
     build_ema,
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated subset of {', '.join(MODES + TINY_MODES)}")
     parser.add_argument("--tiny-steps", type=int, default=2560,
                         help="steps per epoch of the tiny_* modes (default 2560: 40,960 images of batch 16)")
-    parser.add_argument("--model", default="simple_cnn", choices=("simple_cnn", "resnet18"),
+    parser.add_argument("--model", default="simple_cnn", choices=sorted(MODEL_REGISTRY),
                         help="TRAIN.MODEL_TYPE of every mode but tiny_* (default simple_cnn, the LeNet)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
