@@ -98,6 +98,11 @@ class RunDelivery:
         self.run_id, self._params, self._tags = run_id, dict(params), dict(tags)
         self.on_run_id = on_run_id
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
+        self._history = None  # SQLite stores: the bulk path for all but each metric's newest record
+        if sqlite_path(tracking_uri) is not None:
+            from engine.mlflow_sqlite import SqliteMetricHistory
+
+            self._history = SqliteMetricHistory(tracking_uri)
         self.before_delivery = None  # called before each request: a seam for tests that need a slow store
 
     @property
@@ -132,12 +137,20 @@ class RunDelivery:
 
         # Exact resume recomputes the steps between the checkpoint and the crash with identical values; the
         # run already holds them, so they are not logged twice.
-        metrics = [Metric(name, value, timestamp, step) for _, name, value, step, timestamp in batch
+        records = [(name, value, step, timestamp) for _, name, value, step, timestamp in batch
                    if step > self._logged_steps.get(name, -1)]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-            for metric in metrics:  # a re-queued copy of a delivered step (after a resume) is skipped too
-                self._logged_steps[metric.key] = max(metric.step, self._logged_steps.get(metric.key, -1))
+        if not records:
+            return
+        if self._history is not None:
+            from engine.mlflow_sqlite import split_newest
+
+            history, records = split_newest(records)
+            if history:
+                self._history.insert(self.run_id, history)
+        metrics = [Metric(name, value, timestamp, step) for name, value, step, timestamp in records]
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        for name, _, step, _ in records:  # a re-queued copy of a delivered step (after a resume) is skipped too
+            self._logged_steps[name] = max(step, self._logged_steps.get(name, -1))
 
     def _deliver_inputs(self, datasets: list[dict]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
