@@ -28,6 +28,7 @@ torchrun: each worker runs this file)::
 """
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -121,8 +122,9 @@ class Training:
     """
 
     def __init__(self, args, workdir, name="train", slow_step=0.0, slow_steps=(), slow_eval=0.0, slow_save="",
-                 slow_save_seconds=2.0, slow_mlflow=0.0, env=None, cwd=None):
+                 slow_save_seconds=2.0, slow_mlflow=0.0, env=None, cwd=None, program=None):
         self.args, self.workdir, self.name = [str(a) for a in args], Path(workdir), name
+        self.program = program  # instead of train_net.py: that program with ``args`` (e.g. a shell around it)
         self.cwd = Path(cwd) if cwd else self.workdir  # where the command runs; its output files stay in workdir
         self.faults = {"FAULT_SLOW_STEP": slow_step, "FAULT_SLOW_STEPS": ",".join(map(str, slow_steps)),
                        "FAULT_SLOW_EVAL": slow_eval, "FAULT_SLOW_SAVE": slow_save,
@@ -139,7 +141,8 @@ class Training:
         env = self.env or process_env(**(self.faults if faulty else {}))
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.process = subprocess.Popen([PYTHON, str(script), *self.args], cwd=self.cwd, env=env,
+            command = [self.program] if self.program else [PYTHON, str(script)]
+            self.process = subprocess.Popen([*command, *self.args], cwd=self.cwd, env=env,
                                             stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                             start_new_session=True)
         self.started_at = time.monotonic()
@@ -358,19 +361,34 @@ def assert_same_weights(path, expected_path) -> None:
 class ReferenceRun:
     """The small digits run, uninterrupted, started in the background as soon as a module asks for it.
 
-    Every fault test compares its outcome with this one; ``result()`` waits for it (once).
+    Every fault test compares its outcome with this one; ``result()`` waits for it. One run serves the whole
+    test session, the pytest-xdist workers included: the first to ask starts it in ``workdir``, a folder they
+    all see, and every worker waits for the exit code it leaves there (``exit_code``).
     """
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.output_dir, self.tracking_uri = workdir / "output", empty_store(workdir / "store")
-        self.training = Training(small_run_args(self.output_dir, self.tracking_uri), workdir, "reference").start()
+        self.output_dir, self.tracking_uri = workdir / "output", sqlite_uri(workdir / "store")
+        self.exit_file = workdir / "exit_code"
+        self.training: Training | None = None
         self._run_id = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(workdir / "started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another worker started it
+        empty_store(workdir / "store")
+        # Through a shell that writes the exit code where every worker can read it (only this one can wait()).
+        script = f'"$0" "$@"; echo $? > {shlex.quote(str(self.exit_file))}'
+        self.training = Training(["-c", script, PYTHON, TRAIN_NET, *small_run_args(self.output_dir, self.tracking_uri)],
+                                 workdir, "reference", program="sh").start()
 
     def result(self) -> "ReferenceRun":
         if self._run_id is None:
-            code = self.training.wait()
-            assert code == 0, f"the reference run failed:\n{self.training.tail()}"
+            wait_for(lambda: self.exit_file.is_file() and self.exit_file.read_text().strip(),
+                     "the reference run to end", WAIT, interval=0.1)
+            code = int(self.exit_file.read_text())
+            assert code == 0, f"the reference run failed:\n{log_text(self.output_dir)[-3000:]}"
             (run,) = runs_of(self.tracking_uri)
             self._run_id = run.info.run_id
         return self
@@ -391,10 +409,13 @@ _shared_reference: ReferenceRun | None = None
 
 
 def shared_reference_run(tmp_path_factory) -> ReferenceRun:
-    """One reference run per test session, whichever module asks first."""
+    """One reference run per test session, whichever module (of whichever xdist worker) asks first."""
     global _shared_reference
     if _shared_reference is None:
-        _shared_reference = ReferenceRun(tmp_path_factory.mktemp("reference"))
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent  # the session's folder, above every worker's own
+        _shared_reference = ReferenceRun(root / "shared-reference")
     return _shared_reference
 
 

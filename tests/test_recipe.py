@@ -151,15 +151,19 @@ def test_the_ema_warms_up_averages_the_parameters_and_copies_the_buffers():
 
 
 # ---- the digits recipe, in process -------------------------------------------------------------------------------
+RECIPE_EPOCHS = 8  # of config/digits.yaml's 15: enough to show what the recipe does, in half the time
+
+
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    """config/digits.yaml for its 15 epochs with EMA, label smoothing, mixup and cutmix (about 15 s)."""
+    """config/digits.yaml for RECIPE_EPOCHS epochs with EMA, label smoothing, mixup and cutmix (about 8 s)."""
     workdir = tmp_path_factory.mktemp("recipe")
     output_dir, tracking_uri = workdir / "output", f"sqlite:///{workdir / 'store' / 'mlflow.db'}"
     with isolated_training(workdir), one_thread():
         code = main(["--config-file", str(DIGITS_CONFIG), *RECIPE, "OUTPUT_DIR", str(output_dir),
                      "MLFLOW.TRACKING_URI", tracking_uri, "LOG.PROGRESS_BAR", "False", "MLFLOW.LOG_MODEL", "False",
-                     "MLFLOW.SYSTEM_METRICS", "False", "CHECKPOINT.KEEP", "15"])  # every epoch's checkpoint
+                     "MLFLOW.SYSTEM_METRICS", "False", "TRAIN.MAX_EPOCHS", str(RECIPE_EPOCHS),
+                     "CHECKPOINT.KEEP", str(RECIPE_EPOCHS)])  # every epoch's checkpoint
     assert code == 0
     (run,) = runs_of(tracking_uri)
     return {"output_dir": output_dir, "history": lambda key: metric_history(tracking_uri, run.info.run_id, key)}
@@ -167,12 +171,12 @@ def recipe_run(tmp_path_factory):
 
 def test_the_digits_recipe_reaches_its_accuracy(recipe_run):
     final_step, final_acc1 = recipe_run["history"]("val_acc1")[-1]
-    assert final_step == 15 * 22
-    assert final_acc1 >= 0.85  # 0.964 when this test was written
+    assert final_step == RECIPE_EPOCHS * 22
+    assert final_acc1 >= 0.85  # 0.951 when this test was written
 
 
 def test_with_ema_every_evaluation_logs_the_ema_and_the_raw_weights(recipe_run):
-    epoch_ends = [22 * epoch for epoch in range(1, 16)]
+    epoch_ends = [22 * epoch for epoch in range(1, RECIPE_EPOCHS + 1)]
     for key in ("val_acc1", "val_loss", "val_acc1_raw", "val_loss_raw"):
         assert [step for step, _ in recipe_run["history"](key)] == epoch_ends, key
     assert recipe_run["history"]("val_acc1") != recipe_run["history"]("val_acc1_raw")
@@ -185,8 +189,8 @@ def test_model_best_is_the_ema_of_the_best_ema_accuracy_and_model_final_the_last
     assert best_checkpoint["hooks"]["BestCheckpointer"]["best"] == best
     assert_same(load_weights(output_dir / "model_best.pth"), best_checkpoint["hooks"]["EMAHook"]["model"])
 
-    last = load_weights(output_dir / f"checkpoint_{15 * 22:08d}.pth")
-    assert last["hooks"]["EMAHook"]["updates"] == 15 * 22
+    last = load_weights(output_dir / f"checkpoint_{RECIPE_EPOCHS * 22:08d}.pth")
+    assert last["hooks"]["EMAHook"]["updates"] == RECIPE_EPOCHS * 22
     assert_same(load_weights(output_dir / "model_final.pth"), last["hooks"]["EMAHook"]["model"])
     raw, average = last["model"], last["hooks"]["EMAHook"]["model"]
     assert not torch.equal(raw["classifier.5.weight"], average["classifier.5.weight"])
@@ -195,7 +199,7 @@ def test_model_best_is_the_ema_of_the_best_ema_accuracy_and_model_final_the_last
 def test_a_checkpoint_given_as_model_weights_gives_its_ema_weights(recipe_run):
     from tools.build import load_weights as load_model_weights
 
-    checkpoint = recipe_run["output_dir"] / f"checkpoint_{15 * 22:08d}.pth"
+    checkpoint = recipe_run["output_dir"] / f"checkpoint_{RECIPE_EPOCHS * 22:08d}.pth"
     model = build_model(load_config(str(DIGITS_CONFIG)))
     load_model_weights(model, str(checkpoint))
     assert_same(model.state_dict(), load_weights(checkpoint)["hooks"]["EMAHook"]["model"])
