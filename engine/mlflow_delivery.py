@@ -1,12 +1,13 @@
 """The MLflow side of ``engine.tracking.MLflowTracker``: it runs in a child process of the training.
 
-MLflow's SQLAlchemy store spends about 80 µs of Python per metric record in ``log_batch`` (``engine.mlflow_sqlite``
-cuts that to about 7 µs for a SQLite store); in the training process that time would be taken from the step (the
-GIL) by a delivery thread. Here it runs in its own process, on its own core when there is one. ``serve`` is that process's main loop: it receives the tracker's messages over a pipe,
-delivers the items in order through ``DeliveryQueue`` (retrying while the store is down), and answers with
-how many items it has delivered so far, the run id once the run exists, and its log lines. It ignores
-SIGINT, SIGTERM and SIGUSR1 (the training decides when to stop) and exits when the pipe closes: when the
-training ends, or is killed.
+MLflow's SQLAlchemy store spends about 80 µs of Python per metric record in ``log_batch``
+(``engine.mlflow_sqlite`` cuts that to about 7 µs for a SQLite store); in the training process that time would
+be taken from the step (the GIL) by a delivery thread. Here it runs in its own process, on its own core when
+there is one. ``serve`` is that process's main loop: it receives the tracker's messages over a pipe, delivers
+the items in order through ``DeliveryQueue`` (retrying while the store is down), and answers with how many items
+it has delivered so far, the run id once the run exists, and its log lines. It ignores SIGINT, SIGTERM and
+SIGUSR1 (the training decides when to stop) and exits when the pipe closes: when the training ends, or is
+killed.
 
 This module imports only the standard library and MLflow (never torch), so the process starts quickly.
 """
