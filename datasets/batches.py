@@ -87,9 +87,14 @@ class InMemoryBatches(_BatchSource):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        # Nothing left to apply per batch (float images, no random step, no mixing): only the indexing, which is
+        # all a tiny model's step can afford.
+        plain = not self.transform.steps and self.images.is_floating_point() and self.mixing is None
         for index, (local, global_size) in enumerate(self._plan(epoch, start, self.device), start):
-            images = self.transform(self.images[local], local, epoch)
-            images, labels = self._mix(images, self.labels[local], epoch, index, global_size)
+            images, labels = self.images[local], self.labels[local]
+            if not plain:
+                images = self.transform(images, local, epoch)
+                images, labels = self._mix(images, labels, epoch, index, global_size)
             yield Batch(images.contiguous(memory_format=self.memory_format), labels, global_size)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.distributed import raise_on_every_rank
+from engine.distributed import in_process_group, raise_on_every_rank
 
 logger = logging.getLogger("engine")
 
@@ -110,7 +110,7 @@ class Checkpointer:
         return path
 
     def _submit(self, write, path: Path, obj, *args, wait: bool) -> None:
-        self.raise_if_failed()
+        raise_on_every_rank(self._first_failure(finished_only=True), as_type=CheckpointError)
         if self.enabled:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -140,6 +140,8 @@ class Checkpointer:
 
     def raise_if_failed(self) -> None:
         """Raise the error of a background write that has failed, on every rank (it does not wait)."""
+        if not self._a_write_failed and not in_process_group():
+            return  # called every step: a flag read, when there is nothing to raise and no rank to tell
         raise_on_every_rank(self._first_failure(finished_only=True), as_type=CheckpointError)
 
     def wait(self, every_rank: bool = True) -> None:

@@ -321,11 +321,11 @@ class PeriodicCheckpointer(HookBase):
         self.checkpointer, self.period, self.before_write = checkpointer, period, before_write
 
     def after_step(self):
-        if self.trainer.iter % self.trainer.stop_check_period == 0:  # where ranks agree (every step alone)
+        iteration = self.trainer.iter
+        if iteration % self.trainer.stop_check_period == 0:  # where ranks agree (every step alone)
             self.checkpointer.raise_if_failed()
-        at_epoch_end = self.trainer.iter % self.trainer.iters_per_epoch == 0  # after_epoch saves there
-        if self.period and self.trainer.iter % self.period == 0 and not at_epoch_end:
-            self._save()
+        if self.period and iteration % self.period == 0 and iteration % self.trainer.iters_per_epoch:
+            self._save()  # (not at an epoch's end: after_epoch saves there)
 
     def after_epoch(self):
         self._save()

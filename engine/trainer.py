@@ -102,7 +102,8 @@ class Trainer:
         self.world_size = get_world_size()
         # How often processes agree on a stop request (and hooks on failures only one rank sees, such as a
         # checkpoint write): every step alone, less often under DDP to save a sync.
-        self.stop_check_period = stop_check_period if in_process_group() else 1
+        self._in_process_group = in_process_group()
+        self.stop_check_period = stop_check_period if self._in_process_group else 1
         self._stop_reason: str | None = None
         self.amp, self.amp_dtype = amp and autocast_runs_on(self.device, amp_dtype), amp_dtype
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and needs_grad_scaler(amp_dtype))
@@ -178,7 +179,8 @@ class Trainer:
     def run_step(self, batches: Iterator[Batch]) -> None:
         """One optimizer step over up to ``accum_steps`` batches; the loss is the exact mean over their samples."""
         micro_batches = self._batches_in_step()
-        step_samples = sum(self.train_batches.global_batch_size(b) for b in micro_batches)
+        step_samples = self.train_batches.global_batch_size(micro_batches[0]) if len(micro_batches) == 1 \
+            else sum(self.train_batches.global_batch_size(b) for b in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = None
         for position in range(len(micro_batches)):
@@ -256,7 +258,7 @@ class Trainer:
         if self.iter % self.stop_check_period and self.iter != self.max_iter:
             return
         requested = self._stop_reason is not None
-        if in_process_group():  # every rank must stop at the same iteration
+        if self._in_process_group:  # every rank must stop at the same iteration
             flag = torch.tensor([float(requested)], device=self.device)
             requested = bool(all_reduce_sum(flag).item())
         if requested:

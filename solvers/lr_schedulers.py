@@ -10,13 +10,16 @@ import math
 from config.registry import Registry
 
 
+# Each builder reads the config once: the returned function runs every step, and a yacs attribute read is a
+# Python call.
 def step_lr(train_cfg, iters_per_epoch, max_iters):
-    return lambda it: train_cfg.GAMMA ** ((it // iters_per_epoch) // train_cfg.STEP_SIZE)
+    gamma, step_size = train_cfg.GAMMA, train_cfg.STEP_SIZE
+    return lambda it: gamma ** ((it // iters_per_epoch) // step_size)
 
 
 def multistep(train_cfg, iters_per_epoch, max_iters):
-    milestones = sorted(train_cfg.MILESTONES)
-    return lambda it: train_cfg.GAMMA ** sum(it // iters_per_epoch >= m for m in milestones)
+    gamma, milestones = train_cfg.GAMMA, sorted(train_cfg.MILESTONES)
+    return lambda it: gamma ** sum(it // iters_per_epoch >= m for m in milestones)
 
 
 def cosine(train_cfg, iters_per_epoch, max_iters):
