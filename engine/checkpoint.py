@@ -4,14 +4,17 @@ A save writes a temporary file in the same folder, flushes and fsyncs it, then r
 target, so a crash mid-save never leaves a broken file under a real name. The pointer file
 ``last_checkpoint`` is rewritten the same way, and only after the checkpoint itself is in place.
 
-The periodic checkpoints of a training run are written by one background thread: the state is serialized
-on the training thread (the weights change with the next step), the disk work (write, fsync, rename, pointer,
-pruning) overlaps with training. ``Checkpointer.wait()`` blocks until everything is on disk.
+The periodic checkpoints of a training run are written by one background thread. The training thread only
+takes a ``snapshot`` of the state (the weights change with the next step): a copy of every tensor, GPU ones into
+pinned host memory without waiting for the copy. Serializing (about 120 ms for a ResNet-18 and its momentum)
+and the disk work (write, fsync, rename, pointer, pruning) overlap with training. ``Checkpointer.wait()`` blocks
+until everything is on disk.
 
 Under DDP only rank 0 writes, but every rank makes the same calls in the same order: a failed write is then
 raised on every rank at the same point (``raise_on_every_rank``), and no rank is left waiting for the others.
 """
 
+import copy
 import io
 import logging
 import os
@@ -54,6 +57,47 @@ def serialize(obj) -> memoryview:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getbuffer()
+
+
+class Snapshot:
+    """A copy of a (nested) state that later training steps cannot change, taken without waiting for the GPU.
+
+    Tensors are copied (CUDA ones into pinned host memory, asynchronously, in stream order: the step queued after
+    them cannot change what they read), containers rebuilt, any other value deep-copied. ``value()`` waits for the
+    copies and returns the copy; call it on the thread that serializes.
+    """
+
+    def __init__(self, state):
+        self._cuda_devices: set[torch.device] = set()
+        self._state = self._copy(state)
+        self._copies_done = []
+        for device in self._cuda_devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._copies_done.append(event)
+
+    def _copy(self, value):
+        if isinstance(value, torch.Tensor):
+            if value.is_cuda:
+                self._cuda_devices.add(value.device)
+                return value.detach().to("cpu", non_blocking=True)  # into pinned memory, asynchronously
+            return value.detach().clone()
+        if isinstance(value, dict):
+            copied = copy.copy(value)  # the same type (OrderedDict, defaultdict), then each value copied
+            for key, item in value.items():
+                copied[key] = self._copy(item)
+            return copied
+        if isinstance(value, list):
+            return [self._copy(item) for item in value]
+        if isinstance(value, tuple):
+            items = [self._copy(item) for item in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
+        return copy.deepcopy(value)
+
+    def value(self):
+        for event in self._copies_done:
+            event.synchronize()
+        return self._state
 
 
 def write_serialized(path: Path, data) -> None:
@@ -114,18 +158,18 @@ class Checkpointer:
         if self.enabled:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-            self._writes.append(self._writer.submit(self._in_order, write, path, serialize(obj), *args))
+            self._writes.append(self._writer.submit(self._in_order, write, path, Snapshot(obj), *args))
         if wait:
             self.wait()
 
-    def _in_order(self, write, path: Path, *args) -> None:
-        """Run one queued write, unless an earlier one failed (that failure stops the run): a later checkpoint
-        written after it, once the disk had room again, would move the pointer past it."""
+    def _in_order(self, write, path: Path, snapshot: Snapshot, *args) -> None:
+        """Serialize and run one queued write, unless an earlier one failed (that failure stops the run): a later
+        checkpoint written after it, once the disk had room again, would move the pointer past it."""
         if self._a_write_failed:
             logger.warning(f"not writing {path.name}: an earlier checkpoint could not be written")
             return
         try:
-            write(path, *args)
+            write(path, serialize(snapshot.value()), *args)
         except BaseException:
             self._a_write_failed = True
             raise

@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, weights-only loads, the newest valid checkpoint, and keep-N pruning."""
 
+import collections
 import os
 import threading
 
@@ -136,6 +137,29 @@ def test_a_background_save_holds_the_state_of_the_moment_and_lands_after_its_bef
     assert seen == [False]
     assert torch.equal(load_file(path)["model"]["weight"], torch.zeros(2, 2))  # serialized at save time
     assert (tmp_path / POINTER).read_text() == "checkpoint_00000003.pth"
+
+
+def test_a_background_save_holds_the_tensors_containers_and_values_of_the_moment(tmp_path):
+    """Serialized later, on the writer thread: what it holds must not follow the training (the weights) nor a
+    hook (its state may be its own list or dict, which it changes after the save returns)."""
+    checkpointer = Checkpointer(tmp_path)
+    history, counts = [0.5], collections.OrderedDict(seen=1)
+    release = threading.Event()
+    checkpointer.save(3, {}, wait=False, before_write=lambda: release.wait(timeout=30))  # holds the writer thread
+    weights = torch.zeros(2)
+    path = checkpointer.save(4, {"model": weights, "hooks": {"Mine": {"history": history, "counts": counts,
+                                                                      "pair": (1, [2])}}},
+                             wait=False)  # serialized behind the first one, after the changes below
+    weights.fill_(9.0)
+    history.append(0.25)
+    counts["seen"] = 2
+    release.set()
+    checkpointer.wait()
+
+    assert torch.equal(load_file(path)["model"], torch.zeros(2))
+    saved = load_file(path)["hooks"]["Mine"]
+    assert saved == {"history": [0.5], "counts": {"seen": 1}, "pair": (1, [2])}
+    assert type(saved["counts"]) is collections.OrderedDict
 
 
 def test_a_failed_background_write_is_raised_once_by_the_next_check(tmp_path, monkeypatch):
