@@ -7,6 +7,7 @@ called: the script's own logic, without Slurm.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -75,6 +76,7 @@ def slurm(tmp_path):
     for folder in (repo / "tools", fakes, calls):
         folder.mkdir(parents=True)
     (repo / "tools" / "train_net.py").touch()
+    shutil.copy(SLURM_TRAIN.parent / "output_dir.sh", repo / "tools")  # the script sources it from the repository
     for name, body in FAKES.items():
         (fakes / name).write_text(f"#!/bin/sh\n{body}\n")
         (fakes / name).chmod(0o755)

@@ -233,11 +233,12 @@ def test_train_bg_survives_ctrl_c_and_the_training_finishes(stories, reference):
 
 @pytest.fixture
 def fake_repo(tmp_path):
-    """A copy of train_bg.sh in a repository whose python is a stub: it records how it was started, writes
-    one log line and exits with $STUB_EXIT (after printing an error when not 0). No training: fast."""
+    """A copy of train_bg.sh (and what it sources) in a repository whose python is a stub: it records how it was
+    started, writes one log line and exits with $STUB_EXIT (after printing an error when not 0). No training."""
     repo = tmp_path / "repo"
     (repo / "tools").mkdir(parents=True)
     shutil.copy(TRAIN_BG, repo / "tools" / "train_bg.sh")
+    shutil.copy(TRAIN_BG.parent / "output_dir.sh", repo / "tools" / "output_dir.sh")  # which it sources
     stub = repo / ".venv" / "bin" / "python"
     stub.parent.mkdir(parents=True)
     stub.write_text(STUB_PYTHON)

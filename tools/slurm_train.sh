@@ -29,12 +29,9 @@ if [ ! -f "$REPO/tools/train_net.py" ]; then
     echo "error: $REPO is not the repository; submit from its root folder (or set REPO=<repository>)" >&2
     exit 2
 fi
-output_dir=""
-previous=""
-for argument in "$@"; do
-    [ "$previous" = OUTPUT_DIR ] && output_dir=$argument
-    previous=$argument
-done
+# shellcheck source=tools/output_dir.sh
+. "$REPO/tools/output_dir.sh"
+output_dir=$(output_dir_of "$@")
 if [ -z "$output_dir" ]; then
     echo "error: add OUTPUT_DIR <folder every node sees>: a requeued job continues the run found there" >&2
     exit 2

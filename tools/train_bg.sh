@@ -15,13 +15,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd -P)
 PYTHON="$REPO/.venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON=python3
 
-# The value after the last OUTPUT_DIR key, as train_net.py would read it.
-output_dir=""
-previous=""
-for argument in "$@"; do
-    [ "$previous" = OUTPUT_DIR ] && output_dir=$argument
-    previous=$argument
-done
+# shellcheck source=tools/output_dir.sh
+. "$REPO/tools/output_dir.sh"
+output_dir=$(output_dir_of "$@")
 if [ -z "$output_dir" ]; then
     output_dir="$REPO/output/$(date +%Y%m%d-%H%M%S)"
     set -- "$@" OUTPUT_DIR "$output_dir"
