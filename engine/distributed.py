@@ -144,6 +144,7 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
     ``leave_together``: errors that every rank raises at the same point (a stop, an agreed failure). On those,
     the ranks wait for each other before leaving: torchrun stops all workers as soon as one exits with an
     error, and rank 0 must first finish its way out (the checkpoint on disk, the MLflow run's final status).
+    After a run that ends without an error they also leave together.
     """
     init_distributed(backend_name, gpus)
     try:
@@ -155,6 +156,11 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
             # its way out already, and finishes it (its error line, its exit code) rather than die of that.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
+    else:
+        # A rank that tears its group down while another still finishes its run (rank 0 saves and logs the
+        # model) can abort in Gloo's threads ("terminate called without an active exception", seen on rank 1
+        # at the very end of a DDP run under load): leave together.
+        barrier()
     finally:
         destroy_process_group()
 

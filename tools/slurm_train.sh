@@ -29,7 +29,7 @@ if [ ! -f "$REPO/tools/train_net.py" ]; then
     echo "error: $REPO is not the repository; submit from its root folder (or set REPO=<repository>)" >&2
     exit 2
 fi
-# shellcheck source=tools/output_dir.sh
+# shellcheck disable=SC1091  # tools/output_dir.sh, checked on its own
 . "$REPO/tools/output_dir.sh"
 output_dir=$(output_dir_of "$@")
 if [ -z "$output_dir" ]; then

@@ -15,7 +15,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd -P)
 PYTHON="$REPO/.venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON=python3
 
-# shellcheck source=tools/output_dir.sh
+# shellcheck disable=SC1091  # tools/output_dir.sh, checked on its own
 . "$REPO/tools/output_dir.sh"
 output_dir=$(output_dir_of "$@")
 if [ -z "$output_dir" ]; then
