@@ -175,8 +175,8 @@ def test_a_signal_finishes_the_step_saves_a_checkpoint_and_exits_130(stories, na
     iteration = int(stopped.group(1))
     if name == "SIGTERM":
         assert iteration == ITERS_PER_EPOCH  # the step under way, the last of epoch 1, was finished
-    else:
-        assert iteration > 12
+    else:  # signalled once checkpoint 12 was on disk (logged by the writer thread, while training went on)
+        assert iteration >= 12
     assert f"{name} received: stopping after this step with a checkpoint" in run.facts["log"]
     assert "Traceback" not in run.first.stderr
     assert run.facts["last checkpoint"] == f"checkpoint_{iteration:08d}.pth"
