@@ -101,9 +101,10 @@ def trained_digits_run(tmp_path_factory):
 
 # Longest first: pytest-xdist (--dist loadfile) hands each worker a whole module in collection order, so the
 # modules that start many processes or wait on clocks go out first and the short ones fill the gaps at the end.
-LONGEST_MODULES = ["test_distributed.py", "test_mlflow_outage.py", "test_resume.py", "test_signals.py",
-                   "test_benchmark.py", "test_bad_input.py", "test_end_to_end.py", "test_recipe.py",
-                   "test_first_hour.py", "test_run_record.py", "test_mlflow_ui.py", "test_recipe_faults.py"]
+LONGEST_MODULES = ["test_evaluation.py", "test_distributed.py", "test_mlflow_outage.py", "test_resume.py",
+                   "test_recipe.py", "test_benchmark.py", "test_signals.py", "test_bad_input.py", "test_run_record.py",
+                   "test_first_hour.py", "test_end_to_end.py", "test_devices.py", "test_mlflow_ui.py",
+                   "test_recipe_faults.py"]
 
 
 def pytest_collection_modifyitems(items):
