@@ -154,7 +154,7 @@ class Checkpointer:
         return path
 
     def _submit(self, write, path: Path, obj, *args, wait: bool) -> None:
-        raise_on_every_rank(self._first_failure(finished_only=True), as_type=CheckpointError)
+        self._raise_finished_failure()
         if self.enabled:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
@@ -186,6 +186,9 @@ class Checkpointer:
         """Raise the error of a background write that has failed, on every rank (it does not wait)."""
         if not self._a_write_failed and not in_process_group():
             return  # called every step: a flag read, when there is nothing to raise and no rank to tell
+        self._raise_finished_failure()
+
+    def _raise_finished_failure(self) -> None:
         raise_on_every_rank(self._first_failure(finished_only=True), as_type=CheckpointError)
 
     def wait(self, every_rank: bool = True) -> None:

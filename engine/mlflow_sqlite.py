@@ -31,14 +31,14 @@ def sql_value(value: float) -> tuple[bool, float]:
 def split_newest(records: list) -> tuple[list, list]:
     """(history, newest) of ``(name, value, step, timestamp_ms)`` records: each name's newest record, ranked by
     (step, timestamp, stored value) as MLflow ranks them for ``latest_metrics``, and all the others."""
-    newest: dict = {}
+    newest: dict = {}  # name -> (rank, record)
     for record in records:
         name, value, step, timestamp = record
-        best = newest.get(name)
-        if best is None or (step, timestamp, sql_value(value)[1]) > (best[2], best[3], sql_value(best[1])[1]):
-            newest[name] = record
-    chosen = {id(record) for record in newest.values()}
-    return [record for record in records if id(record) not in chosen], list(newest.values())
+        rank = (step, timestamp, sql_value(value)[1])
+        if name not in newest or rank > newest[name][0]:
+            newest[name] = (rank, record)
+    chosen = {id(record) for _, record in newest.values()}
+    return [record for record in records if id(record) not in chosen], [record for _, record in newest.values()]
 
 
 class SqliteMetricHistory:

@@ -179,8 +179,7 @@ class Trainer:
     def run_step(self, batches: Iterator[Batch]) -> None:
         """One optimizer step over up to ``accum_steps`` batches; the loss is the exact mean over their samples."""
         micro_batches = self._batches_in_step()
-        step_samples = self.train_batches.global_batch_size(micro_batches[0]) if len(micro_batches) == 1 \
-            else sum(self.train_batches.global_batch_size(b) for b in micro_batches)
+        step_samples = sum(self.train_batches.global_batch_size(b) for b in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = None
         for position in range(len(micro_batches)):
