@@ -122,8 +122,10 @@ class Trainer:
         # flush's one host sync, instead of several small ops every step.
         self._step_losses: list[tuple[torch.Tensor, int, int]] = []
         self._loss_gradients: dict[int, torch.Tensor] = {}  # by samples in the step (the last may be short)
-        self._autocast = functools.partial(torch.autocast, self.device.type, self.amp_dtype) if self.amp \
-            else nullcontext
+        self._scaling = self.scaler.is_enabled()
+        # Per iteration of an epoch: (batches, samples summed over them and over processes). The same every
+        # epoch, so the step reads two numbers instead of asking the batch source each time.
+        self._step_sizes = self._plan_steps()
         self.hooks: list[HookBase] = []
         self.register_hooks(hooks)
 
@@ -166,32 +168,45 @@ class Trainer:
         first_batch = (self.iter - self.epoch * self.iters_per_epoch) * self.accum_steps
         batches = iter(self.train_batches.epoch(self.epoch, start=first_batch))
         before_step, after_step = self._dispatch["before_step"], self._dispatch["after_step"]
-        while self.iter < (self.epoch + 1) * self.iters_per_epoch:
+        end = (self.epoch + 1) * self.iters_per_epoch
+        while self.iter < end:
             for call in before_step:
                 call()
             self.run_step(batches)
             self.iter += 1
             for call in after_step:
                 call()
-            self._stop_if_requested()
+            if self._stop_reason is not None or self._in_process_group:
+                self._stop_if_requested()
         self._call("after_epoch")
 
     def run_step(self, batches: Iterator[Batch]) -> None:
-        """One optimizer step over up to ``accum_steps`` batches; the loss is the exact mean over their samples."""
-        micro_batches = self._batches_in_step()
-        step_samples = sum(self.train_batches.global_batch_size(b) for b in micro_batches)
+        """One optimizer step over up to ``accum_steps`` batches; the loss is the exact mean over their samples.
+
+        On a GPU this is the host's whole share of a step: every line here is paid at every step, so the
+        step asks nothing it can know in advance (sizes, contexts, whether a scaler runs)."""
+        count, step_samples = self._step_sizes[self.iter - self.epoch * self.iters_per_epoch]
+        gradient = self._loss_gradient(step_samples)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = None
-        for position in range(len(micro_batches)):
+        for position in range(count):
             batch = next(batches)
-            last = position == len(micro_batches) - 1
-            with self._maybe_no_sync(last), self._autocast():
+            if self.amp or position < count - 1:  # autocast, or DDP's no_sync on all but the last batch
+                with self._maybe_no_sync(position == count - 1), self._autocast():
+                    loss = self.loss(self.model(batch.images), batch.labels)
+            else:
                 loss = self.loss(self.model(batch.images), batch.labels)
             loss = loss if loss.dtype == torch.float32 else loss.float()
-            loss.backward(self.scaler.scale(self._loss_gradient(step_samples)))
+            loss.backward(self.scaler.scale(gradient) if self._scaling else gradient)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         self._optimizer_step()
         self._step_losses.append((loss_sum, step_samples, self.iter + 1))
+
+    def _plan_steps(self) -> list[tuple[int, int]]:
+        """(batches, summed samples) of every iteration of an epoch (the last ones may be fewer or smaller)."""
+        sizes = [self.train_batches.global_batch_size(index) for index in range(len(self.train_batches))]
+        steps = [sizes[first:first + self.accum_steps] for first in range(0, len(sizes), self.accum_steps)]
+        return [(len(step), sum(step)) for step in steps]
 
     def _loss_gradient(self, step_samples: int) -> torch.Tensor:
         """d(mean loss of the step)/d(this process's summed loss) = world_size / step_samples (DDP averages
@@ -207,18 +222,19 @@ class Trainer:
         if self.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def _batches_in_step(self) -> range:
-        """Indices (within the epoch) of the batches this iteration consumes."""
-        first = (self.iter - self.epoch * self.iters_per_epoch) * self.accum_steps
-        return range(first, min(first + self.accum_steps, len(self.train_batches)))
+        if self._scaling:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def _maybe_no_sync(self, last_micro_batch: bool):
         if not last_micro_batch and hasattr(self.model, "no_sync"):
             return self.model.no_sync()  # DDP: all-reduce gradients only on the step's last batch
         return nullcontext()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, self.amp_dtype) if self.amp else nullcontext()
 
     # ---- metrics and the non-finite check ----------------------------------------------------------------
     def flush_metrics(self) -> None:
