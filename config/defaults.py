@@ -50,6 +50,9 @@ _C.TRAIN.CHANNELS_LAST = False  # CUDA: channels_last memory format for model an
 # smaller one; evaluation runs the plain module. Saved weights never carry compile prefixes, and a resume may
 # switch it on or off (the compiled kernels may round differently from the plain ones).
 _C.TRAIN.COMPILE = False
+# torch.compile's backend: inductor (generated kernels), cudagraphs, or eager / aot_eager, which skip code
+# generation: to tell a compiler problem from a model problem, or to compile in seconds.
+_C.TRAIN.COMPILE_BACKEND = "inductor"
 # The modern recipe. Each is off at 0 and bit for bit the same under --resume and any number of processes.
 # Exponential moving average of the weights after every optimizer step, with the warm-up
 # decay_t = min(EMA_DECAY, (1 + t) / (10 + t)) at update t; buffers (BatchNorm statistics) are copied.

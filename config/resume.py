@@ -12,7 +12,8 @@ RESUME_MAY_CHANGE = {
     "DATA.PRETRANSFORM", "DATA.CACHE_DIR", "MODEL.WEIGHTS", "MLFLOW.TRACKING_URI", "MLFLOW.RUN_NAME", "LOG.PERIOD",
     "LOG.PROGRESS_BAR", "EVAL.PERIOD", "EVAL.SPLIT", "CHECKPOINT.PERIOD", "CHECKPOINT.KEEP", "MLFLOW.LOG_MODEL",
     "MLFLOW.SYSTEM_METRICS", "MLFLOW.REGISTER_MODEL", "MLFLOW.END_WAIT",
-    "TRAIN.COMPILE",  # the same computation; compiled kernels may round differently (engine/compile.py)
+    # the same computation; compiled kernels may round differently (engine/compile.py)
+    "TRAIN.COMPILE", "TRAIN.COMPILE_BACKEND",
 }
 
 

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_backends() -> list[str]:
+    """The ``torch.compile`` backends a run may name: torch's listed ones and the two debugging ones."""
+    return sorted(set(torch.compiler.list_backends()) | {"eager", "aot_eager"})
+
+
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """``model`` (plain, or wrapped in DDP: compile the wrapper, as PyTorch recommends) compiled for training.
 
     Recompiles are avoided by three choices:
@@ -22,12 +27,13 @@ def compile_model(model: nn.Module) -> nn.Module:
       evaluation batch sizes never reach the compiled graph, so nothing is compiled again at each evaluation.
     - the loss stays outside the compiled graph, so hard and soft (mixup) targets change nothing there.
     """
-    import torch._inductor.config as inductor_config  # here: a ~1 s import that uncompiled runs skip
+    if backend == "inductor":
+        import torch._inductor.config as inductor_config  # here: a ~1 s import that other runs skip
 
-    # What torch.use_deterministic_algorithms would have set, had it been called with inductor imported
-    # (engine.run.set_deterministic leaves it alone).
-    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
-    return torch.compile(model, dynamic=False)
+        # What torch.use_deterministic_algorithms would have set, had it been called with inductor imported
+        # (engine.run.set_deterministic leaves it alone).
+        inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
+    return torch.compile(model, dynamic=False, backend=backend)
 
 
 def uncompiled(model: nn.Module) -> nn.Module:

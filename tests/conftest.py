@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from fault_utils import empty_store
 
 from engine.logger import restore_streams
 
@@ -59,7 +60,8 @@ def isolated_training(workdir: Path):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A scratch folder (the cwd during the test) with ``output/`` and an MLflow store ``store/mlflow.db``."""
+    """A scratch folder (the cwd during the test) with ``output/`` and an empty MLflow store ``store/mlflow.db``."""
+    empty_store(tmp_path / "store")
     with isolated_training(tmp_path):
         yield tmp_path
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import isolated_training
+from fault_utils import empty_store
 
 import datasets.cifar10 as cifar10
 from config import load_config
@@ -45,7 +46,7 @@ def run_of(output_dir: Path, client) -> mlflow.entities.Run:
 def trained(tmp_path_factory):
     """A 2-epoch digits run (no logged model: not the subject here) and the options to reuse its store."""
     workdir = tmp_path_factory.mktemp("evaluation")
-    tracking_uri = f"sqlite:///{workdir / 'store' / 'mlflow.db'}"
+    tracking_uri = empty_store(workdir / "store")
     common = ["MLFLOW.TRACKING_URI", tracking_uri, "LOG.PROGRESS_BAR", "False", "MLFLOW.LOG_MODEL", "False"]
     output_dir = workdir / "train"
     exit_code = train_net(workdir, "--config-file", DIGITS_YAML, "TRAIN.MAX_EPOCHS", "2",
@@ -231,7 +232,7 @@ def write_tiny_cifar10(cache_dir: Path, images_per_batch: int = 20) -> None:
 
 def test_cifar10_training_and_eval_only_of_the_test_split_agree(tmp_path):
     write_tiny_cifar10(tmp_path / "data")
-    tracking_uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    tracking_uri = empty_store(tmp_path / "store")
     common = ["DATA.DATASET_TYPE", "cifar10", "DATA.CACHE_DIR", str(tmp_path / "data"), "TRAIN.BATCH_SIZE", "32",
               "TRAIN.MAX_EPOCHS", "1", "MLFLOW.TRACKING_URI", tracking_uri, "LOG.PROGRESS_BAR", "False",
               "MLFLOW.LOG_MODEL", "False"]

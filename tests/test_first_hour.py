@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from fault_utils import DIGITS_CONFIG, PYTHON, TRAIN_NET, process_env
+from fault_utils import DIGITS_CONFIG, PYTHON, TRAIN_NET, empty_store, process_env
 
 from engine.hooks import ProgressBar
 from tools.train_net import main, python_command, resume_command
@@ -81,7 +81,7 @@ def test_in_a_terminal_the_bar_and_the_log_lines_never_share_a_line(tmp_path):
     output_dir = tmp_path / "output"
     code, raw = run_in_terminal(["--config-file", str(DIGITS_CONFIG), "TRAIN.MAX_EPOCHS", "3", "LOG.PERIOD", "11",
                                  "MLFLOW.LOG_MODEL", "False", "OUTPUT_DIR", str(output_dir),
-                                 "MLFLOW.TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"], tmp_path)
+                                 "MLFLOW.TRACKING_URI", empty_store(tmp_path / "store")], tmp_path)
     assert code == 0, raw[-3000:]
     assert "%|" in raw  # a bar was drawn ...
     screen = screen_lines(raw, width=120)

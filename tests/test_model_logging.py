@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import isolated_training
+from fault_utils import empty_store
 from mlflow.entities import LoggedModelStatus
 
 from config import load_config
@@ -39,7 +40,7 @@ def train(workdir: Path, output_dir: Path, *opts: str) -> tuple[mlflow.entities.
 
     Returns the run, and MLFLOW_TRACKING_URI as the training left it in the environment (unset before).
     """
-    tracking_uri = f"sqlite:///{workdir / 'store' / 'mlflow.db'}"
+    tracking_uri = empty_store(workdir / "store")
     with isolated_training(workdir):
         exit_code = main([*opts, "OUTPUT_DIR", str(output_dir), "MLFLOW.TRACKING_URI", tracking_uri,
                           "LOG.PROGRESS_BAR", "False"])

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import torch
 from conftest import isolated_training
+from fault_utils import empty_store
 
 from config import load_config
 from engine.checkpoint import load_file
@@ -35,7 +36,7 @@ def run_id_in(output_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def original_and_rerun(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("rerun")
-    tracking_uri = f"sqlite:///{workdir / 'store' / 'mlflow.db'}"
+    tracking_uri = empty_store(workdir / "store")
     original_dir, rerun_dir = workdir / "original", workdir / "rerun"
     assert train_net(workdir, "--config-file", DIGITS_YAML, "TRAIN.MAX_EPOCHS", "1", "MLFLOW.LOG_MODEL", "False",
                      "LOG.PROGRESS_BAR", "False", "OUTPUT_DIR", str(original_dir),

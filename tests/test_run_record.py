@@ -20,6 +20,7 @@ import mlflow
 import pytest
 import torch
 from conftest import isolated_training
+from fault_utils import empty_store
 
 import tools.run_record
 from config import load_config
@@ -41,7 +42,7 @@ def recorded(tmp_path_factory):
     """``python tools/train_net.py ...`` with ``MY_SECRET_TOKEN`` (and an MLflow password) in its environment."""
     workdir = tmp_path_factory.mktemp("run_record")
     output_dir = workdir / "output"
-    tracking_uri = f"sqlite:///{workdir / 'store' / 'mlflow.db'}"
+    tracking_uri = empty_store(workdir / "store")
     args = [str(TRAIN_NET), "DATA.DATASET_TYPE", "synthetic", "DATA.SYNTHETIC_SIZE", "128", "TRAIN.BATCH_SIZE", "32",
             "TRAIN.MAX_EPOCHS", "1", "SEED", "7", "MLFLOW.RUN_NAME", "record check", "LOG.PROGRESS_BAR", "False",
             "MLFLOW.LOG_MODEL", "False", "OUTPUT_DIR", str(output_dir), "MLFLOW.TRACKING_URI", tracking_uri]

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, flatten_config
+from config.registry import Registry
 from datasets import DatasetSplits, build_datasets
 from datasets.batches import build_batches
 from datasets.mixing import build_mixing
 from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
-from engine.compile import compile_model
+from engine.compile import compile_backends, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
 from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
@@ -97,7 +98,10 @@ def build_model_for_training(cfg, device, num_gpus: int) -> torch.nn.Module:
     if cfg.TRAIN.COMPILE and isinstance(model, torch.nn.DataParallel):
         raise ConfigError(f"TRAIN.COMPILE does not support DataParallel over {num_gpus} GPUs; use torchrun with "
                           "TRAIN.DISTRIBUTED_BACKEND ddp, one GPU (TRAIN.GPUS 1), or TRAIN.COMPILE False")
-    return compile_model(model) if cfg.TRAIN.COMPILE else model
+    if not cfg.TRAIN.COMPILE:
+        return model
+    backends = Registry("TRAIN.COMPILE_BACKEND", {name: name for name in compile_backends()})
+    return compile_model(model, backends.lookup(cfg.TRAIN.COMPILE_BACKEND))
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
