@@ -444,10 +444,10 @@ def _run_train_net_with_injected_faults() -> None:
             real_fsync(descriptor)
 
         os.fsync = fsync
-    from tools.train_net import main
+    from tools.train_net import exit_at_once, main
 
     sys.argv = [str(TRAIN_NET), *sys.argv[1:]]
-    sys.exit(main(hooks=_hooks_from_the_environment()))
+    exit_at_once(main(hooks=_hooks_from_the_environment()))
 
 
 def _announce(message: str) -> None:  # to stderr, which the engine copies into log.txt

@@ -8,6 +8,7 @@
 """
 
 import argparse
+import atexit
 import os
 import shlex
 import shutil
@@ -141,5 +142,16 @@ def one_line(error: Exception) -> str:
     return " ".join(lines)
 
 
+def exit_at_once(code: int):
+    """End the process without the interpreter's teardown, once everything is on disk: freeing torch's modules
+    one by one takes ~0.7 s of CPU, and C++ objects destroyed at that point (Gloo's threads) are where a
+    finished DDP rank was seen to abort under load ("terminate called without an active exception"). The exit
+    handlers (logging's, multiprocessing's) still run."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_at_once(main())
