@@ -64,12 +64,6 @@ follow() {
 follow &
 follower=$!
 
-# Poll with a foreground sleep rather than block in `wait`: Ctrl+C ends the sleep, and the trap runs right after
-# it. (A trapped SIGINT that came while dash 0.5.12 was blocked in `wait` was seen to be lost: the script
-# followed on until the training ended.)
-while kill -0 "$pid" 2>/dev/null; do
-    sleep 1
-done
 wait "$pid"
 status=$?
 sleep 1 # let tail print the last lines
