@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -39,6 +40,11 @@ from fault_utils import (
 from tools.train_net import python_command
 
 A_VERY_LONG_STEP = 120.0  # seconds: a second Ctrl+C must not wait for it
+# Starts a program with the signals of Ctrl+C and Ctrl+\ handled by default, as in a terminal. Run as a background
+# job of a script, pytest (and what it starts) ignores them, and a shell cannot trap a signal that it was
+# started ignoring: train_bg.sh would never see the Ctrl+C.
+AS_FROM_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "signal.signal(signal.SIGQUIT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +102,9 @@ def press_ctrl_c_twice(run: Story) -> None:
 def start_with_train_bg_and_press_ctrl_c(run: Story) -> None:
     terminal = run.workdir / "terminal.txt"  # what the user sees
     with open(terminal, "w") as screen:
-        script = subprocess.Popen(["sh", str(TRAIN_BG), *run.args], cwd=run.workdir, env=process_env(),
-                                  stdin=subprocess.DEVNULL, stdout=screen, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        script = subprocess.Popen([*AS_FROM_A_TERMINAL, "sh", str(TRAIN_BG), *run.args], cwd=run.workdir,
+                                  env=process_env(), stdin=subprocess.DEVNULL, stdout=screen,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     training_pid = None
     try:
         shown = wait_for(lambda: re.search(r"training started: PID (\d+)\nlog: (.*)\n", terminal.read_text()),
