@@ -200,6 +200,12 @@ class Checkpointer:
         elif failure is not None:
             raise failure
 
+    def close(self) -> None:
+        """Let the queued writes finish (a failure among them is for ``wait`` to raise) and stop the writer."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
     def _first_failure(self, finished_only: bool) -> BaseException | None:
         """Forget the finished writes (all of them, waiting, unless ``finished_only``); the first error among them."""
         while self._writes and (not finished_only or self._writes[0].done()):

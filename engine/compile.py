@@ -9,10 +9,9 @@ is its ``_orig_mod``. The trainer saves, loads and evaluates that plain module (
 import torch
 from torch import nn
 
-
-def compile_backends() -> list[str]:
-    """The ``torch.compile`` backends a run may name: torch's listed ones and the two debugging ones."""
-    return sorted(set(torch.compiler.list_backends()) | {"eager", "aot_eager"})
+# The torch.compile backends that work with torch alone (torch also lists tvm and openxla, which need packages of
+# their own and would fail at the first step): generated kernels, CUDA graphs, and the two debugging ones.
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager", "aot_eager")
 
 
 def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
@@ -28,7 +27,7 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     - the loss stays outside the compiled graph, so hard and soft (mixup) targets change nothing there.
     """
     if backend == "inductor":
-        import torch._inductor.config as inductor_config  # here: a ~1 s import that other runs skip
+        import torch._inductor.config as inductor_config
 
         # What torch.use_deterministic_algorithms would have set, had it been called with inductor imported
         # (engine.run.set_deterministic leaves it alone).

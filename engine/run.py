@@ -251,6 +251,8 @@ class TrainingRun:
             self.system_metrics = None
 
     def _end(self) -> None:
+        if not self.quick:  # what a hook queued and did not wait for (train_net.py leaves with os._exit)
+            self.checkpointer.close()
         self._stop_system_metrics()
         if self.tracker is None:
             return

@@ -160,7 +160,7 @@ class Trainer:
             self.exception = error  # hooks look at it in after_train (e.g. checkpoint on interruption)
             raise
         finally:
-            self._call("after_train")
+            self._call_each("after_train")
 
     def _train_one_epoch(self) -> None:
         self.model.train()
@@ -282,6 +282,18 @@ class Trainer:
     def _call(self, method: str) -> None:
         for call in self._dispatch[method]:
             call()
+
+    def _call_each(self, method: str) -> None:
+        """Every hook's ``method``, also after one of them raised (then the first error is raised at the end):
+        a later hook may be the one that waits for the checkpoint writes."""
+        first_error = None
+        for call in self._dispatch[method]:
+            try:
+                call()
+            except BaseException as error:
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
 
     # ---- state for checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -139,6 +139,18 @@ def test_a_background_save_holds_the_state_of_the_moment_and_lands_after_its_bef
     assert (tmp_path / POINTER).read_text() == "checkpoint_00000003.pth"
 
 
+def test_closing_lets_the_queued_saves_land(tmp_path):
+    checkpointer = Checkpointer(tmp_path)
+    release = threading.Event()
+    held = checkpointer.save(1, {"iteration": 1}, wait=False, before_write=lambda: release.wait(timeout=30))
+    queued = checkpointer.save_model("model_final.pth", torch.nn.Linear(2, 2), wait=False)
+    threading.Timer(0.2, release.set).start()  # the writer is still held when close() is called
+    checkpointer.close()
+
+    assert held.is_file() and queued.is_file()
+    assert checkpointer.save(2, {"iteration": 2}).is_file()  # a later save starts a new writer
+
+
 def test_a_background_save_holds_the_tensors_containers_and_values_of_the_moment(tmp_path):
     """Serialized later, on the writer thread: what it holds must not follow the training (the weights) nor a
     hook (its state may be its own list or dict, which it changes after the save returns)."""

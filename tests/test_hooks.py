@@ -120,6 +120,23 @@ def test_after_train_runs_even_when_a_hook_raises():
     assert ("hook", "after_step", 2, 0) not in calls  # the hook after the broken one never saw that step
 
 
+def test_every_after_train_runs_when_an_earlier_one_raises_and_the_first_error_is_raised():
+    calls = []
+
+    class BrokenAtTheEnd(HookBase):
+        def __init__(self, message):
+            self.message = message
+
+        def after_train(self):
+            raise RuntimeError(self.message)
+
+    # The last hook stands for the checkpointer, which waits there for the writes it queued.
+    trainer = tiny_trainer(max_epochs=1, hooks=[BrokenAtTheEnd("first"), BrokenAtTheEnd("second"), CallRecorder(calls)])
+    with pytest.raises(RuntimeError, match="first"):
+        trainer.train()
+    assert calls[-1] == ("hook", "after_train", 3, 0)
+
+
 def test_a_hook_does_not_keep_its_trainer_alive():
     hook = HookBase()
     trainer = tiny_trainer(hooks=[hook])

@@ -40,11 +40,12 @@ from fault_utils import (
 from tools.train_net import python_command
 
 A_VERY_LONG_STEP = 120.0  # seconds: a second Ctrl+C must not wait for it
-# Starts a program with the signals of Ctrl+C and Ctrl+\ handled by default, as in a terminal. Run as a background
-# job of a script, pytest (and what it starts) ignores them, and a shell cannot trap a signal that it was
-# started ignoring: train_bg.sh would never see the Ctrl+C.
-AS_FROM_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                      "signal.signal(signal.SIGQUIT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
+# Starts a program with Ctrl+C's SIGINT (and SIGQUIT, SIGPIPE, SIGXFSZ) handled by default, as from a terminal.
+# Run as a background job of a script, pytest and what it starts ignore SIGINT, and a shell cannot trap a signal
+# that it was started ignoring: train_bg.sh would never see the Ctrl+C.
+AS_FROM_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys\nfor name in ('SIGINT', 'SIGQUIT', 'SIGPIPE', "
+                      "'SIGXFSZ'): signal.signal(getattr(signal, name), signal.SIG_DFL)\nos.execvp(sys.argv[1], "
+                      "sys.argv[1:])"]
 
 
 @pytest.fixture(scope="module")

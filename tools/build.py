@@ -20,7 +20,7 @@ from datasets.mixing import build_mixing
 from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
-from engine.compile import compile_backends, compile_model
+from engine.compile import COMPILE_BACKENDS, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
 from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
@@ -36,6 +36,9 @@ from tools.run_record import collect_run_record, git_diff, installed_packages
 logger = logging.getLogger("engine")
 
 
+COMPILE_BACKEND_REGISTRY = Registry("TRAIN.COMPILE_BACKEND", {name: name for name in COMPILE_BACKENDS})
+
+
 def check_names(cfg) -> None:
     """Every name the config picks from a registry exists: checked before anything is written or loaded."""
     from datasets import DATASET_REGISTRY
@@ -46,7 +49,8 @@ def check_names(cfg) -> None:
 
     for registry, names in [(DATASET_REGISTRY, [cfg.DATA.DATASET_TYPE]), (TRANSFORM_REGISTRY, cfg.DATA.TRANSFORM_LIST),
                             (MODEL_REGISTRY, [cfg.TRAIN.MODEL_TYPE]), (OPTIMIZER_REGISTRY, [cfg.TRAIN.OPTIMIZER_TYPE]),
-                            (SCHEDULE_REGISTRY, [cfg.TRAIN.SCHEDULER_TYPE])]:
+                            (SCHEDULE_REGISTRY, [cfg.TRAIN.SCHEDULER_TYPE]),
+                            (COMPILE_BACKEND_REGISTRY, [cfg.TRAIN.COMPILE_BACKEND] if cfg.TRAIN.COMPILE else [])]:
         for name in names:
             registry.lookup(name)
 
@@ -98,10 +102,7 @@ def build_model_for_training(cfg, device, num_gpus: int) -> torch.nn.Module:
     if cfg.TRAIN.COMPILE and isinstance(model, torch.nn.DataParallel):
         raise ConfigError(f"TRAIN.COMPILE does not support DataParallel over {num_gpus} GPUs; use torchrun with "
                           "TRAIN.DISTRIBUTED_BACKEND ddp, one GPU (TRAIN.GPUS 1), or TRAIN.COMPILE False")
-    if not cfg.TRAIN.COMPILE:
-        return model
-    backends = Registry("TRAIN.COMPILE_BACKEND", {name: name for name in compile_backends()})
-    return compile_model(model, backends.lookup(cfg.TRAIN.COMPILE_BACKEND))
+    return compile_model(model, cfg.TRAIN.COMPILE_BACKEND) if cfg.TRAIN.COMPILE else model
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
