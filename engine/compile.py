@@ -9,9 +9,12 @@ is its ``_orig_mod``. The trainer saves, loads and evaluates that plain module (
 import torch
 from torch import nn
 
+from config.registry import Registry
+
 # The torch.compile backends that work with torch alone (torch also lists tvm and openxla, which need packages of
 # their own and would fail at the first step): generated kernels, CUDA graphs, and the two debugging ones.
-COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager", "aot_eager")
+COMPILE_BACKEND_REGISTRY = Registry("TRAIN.COMPILE_BACKEND",
+                                    {name: name for name in ("inductor", "cudagraphs", "eager", "aot_eager")})
 
 
 def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:

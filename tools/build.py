@@ -13,14 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, flatten_config
-from config.registry import Registry
 from datasets import DatasetSplits, build_datasets
 from datasets.batches import build_batches
 from datasets.mixing import build_mixing
 from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
-from engine.compile import COMPILE_BACKENDS, compile_model
+from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
 from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
@@ -34,9 +33,6 @@ from tools.dataset_inputs import DatasetInputs
 from tools.run_record import collect_run_record, git_diff, installed_packages
 
 logger = logging.getLogger("engine")
-
-
-COMPILE_BACKEND_REGISTRY = Registry("TRAIN.COMPILE_BACKEND", {name: name for name in COMPILE_BACKENDS})
 
 
 def check_names(cfg) -> None:
