@@ -17,6 +17,9 @@ CIFAR10_CLASSES = [
 _C = CN()
 _C.SEED = 42  # seeds model init, data split, shuffling and augmentation (keyed by seed, epoch, sample)
 _C.OUTPUT_DIR = ""  # checkpoints, log.txt, config.yaml; empty = <repo>/output/<timestamp>
+# Python files (my_models.py) or modules (mypkg.models) imported before the run is built, so that what they
+# register (@MODEL_REGISTRY.register("mynet"), engine/registry.py) can be named here; --import FILE adds one.
+_C.IMPORTS = []
 
 _C.TRAIN = CN()
 _C.TRAIN.BATCH_SIZE = 128  # global batch: the sum over all devices and processes

@@ -1,22 +1,20 @@
 """Dataset registry: ``DATA.DATASET_TYPE`` picks a builder ``cfg -> DatasetSplits``.
 
-Adding a dataset is one new file with a ``build_<name>(cfg)`` function plus one entry below.
+Adding a dataset is one new file with a ``build_<name>(cfg)`` function plus one entry below, or, from a file
+of your own, ``@DATASET_REGISTRY.register("<name>")`` (engine/registry.py).
 This package shares its name with the Hugging Face ``datasets`` library; see ``tests/test_datasets_name.py``.
 """
 
-from config.registry import Registry
 from datasets.base import DatasetError, DatasetSplits, TensorSplit
 from datasets.cifar10 import build_cifar10
 from datasets.digits import build_digits
 from datasets.image_folder import build_image_folder
 from datasets.synthetic import build_synthetic
+from engine.registry import DATASET_REGISTRY
 
-DATASET_REGISTRY = Registry("DATA.DATASET_TYPE", {
-    "cifar10": build_cifar10,
-    "digits": build_digits,
-    "image_folder": build_image_folder,
-    "synthetic": build_synthetic,
-}, aliases={"cifer10": "cifar10"})  # the Lightning template's spelling
+DATASET_REGISTRY.update(cifar10=build_cifar10, digits=build_digits, image_folder=build_image_folder,
+                        synthetic=build_synthetic)
+DATASET_REGISTRY.aliases["cifer10"] = "cifar10"  # the Lightning template's spelling
 
 
 def build_datasets(cfg) -> DatasetSplits:

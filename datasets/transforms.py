@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from config.registry import Registry
+from engine.registry import TRANSFORM_REGISTRY
 
 PAD = 4  # random_crop padding, as in the usual CIFAR recipe
 
@@ -197,7 +197,7 @@ def _fuse_remaps(steps) -> list:
     return fused
 
 
-TRANSFORM_REGISTRY = Registry("DATA.TRANSFORM_LIST", {
+TRANSFORM_REGISTRY.update({
     "to_tensor": lambda mean, std, seed: ToTensor(),
     "normalize": lambda mean, std, seed: Normalize(mean, std),
     "random_crop": lambda mean, std, seed: RandomCrop(seed),

@@ -1,4 +1,5 @@
-"""The training engine: the loop, hooks, checkpoints, evaluation, the MLflow tracker and the run's life.
+"""The training engine: the run's life (``Runner``), the loop, hooks, checkpoints, evaluation, the MLflow tracker,
+and the registries your own models, datasets, optimizers, schedules and transforms join.
 
 The engine receives built objects (model, batches, optimizer); it never reads dataset- or model-specific
 config keys and never imports ``datasets``, ``networks`` or ``tools``.
@@ -17,6 +18,10 @@ _HOME = {
     "HookBase": "engine.hooks", "LRScheduler": "engine.hooks", "MetricWriter": "engine.hooks",
     "PeriodicCheckpointer": "engine.hooks", "ProgressBar": "engine.hooks", "TrainingInterrupted": "engine.hooks",
     "MLflowTracker": "engine.tracking",
+    "Runner": "engine.runner", "RunResult": "engine.runner",
+    "Registry": "engine.registry", "MODEL_REGISTRY": "engine.registry", "DATASET_REGISTRY": "engine.registry",
+    "TRANSFORM_REGISTRY": "engine.registry", "OPTIMIZER_REGISTRY": "engine.registry",
+    "SCHEDULE_REGISTRY": "engine.registry",
 }
 __all__ = sorted(_HOME)
 

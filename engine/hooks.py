@@ -286,6 +286,7 @@ class BestCheckpointer(HookBase):
         self.checkpointer, self.metric, self.filename = checkpointer, metric, filename
         self.model = model  # what is saved: the EMA's module with EMA, else (None) the trained model
         self.best = -math.inf
+        self.best_metrics: dict[str, float] = {}  # the evaluation it was saved at, with its iteration
 
     def after_epoch(self):
         latest = self.trainer.latest_eval or {}
@@ -294,14 +295,16 @@ class BestCheckpointer(HookBase):
         if fresh and value is not None and value > self.best:
             self.trainer.flush_metrics()  # raises if the loss diverged: a diverged model is never "best"
             self.best = value
+            self.best_metrics = {k: v for k, v in latest.items() if isinstance(v, (int, float))}
             model = self.model if self.model is not None else self.trainer.unwrapped_model
             self.checkpointer.save_model(self.filename, model, wait=False)
 
     def state_dict(self):
-        return {"best": self.best}
+        return {"best": self.best, "best_metrics": self.best_metrics}
 
     def load_state_dict(self, state):
         self.best = state.get("best", state.get("best_acc1", -math.inf))
+        self.best_metrics = state.get("best_metrics", {})
 
 
 class PeriodicCheckpointer(HookBase):

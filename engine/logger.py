@@ -66,33 +66,78 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def setup_logging(output_dir=None, main_process: bool = True) -> Path | None:
-    """Send the ``engine`` logger to stdout; on the main process also copy stdout and stderr to log.txt."""
+class _AroundBarHandler(logging.StreamHandler):
+    """A console handler whose lines go above the progress bar (the stream is the one current at the start)."""
+
+    def emit(self, record):
+        with _bar_lock:
+            if _bar is None or isinstance(self.stream, _Tee):  # a tee already writes around the bar
+                super().emit(record)
+                return
+            _bar.clear(nolock=True)
+            super().emit(record)
+            self.flush()
+            _bar.refresh(nolock=True)
+
+
+def setup_logging(output_dir=None, main_process: bool = True, tee_streams: bool = False) -> Path | None:
+    """Send the ``engine`` logger to the console (``sys.stdout`` as it is now) and, on the main process, to
+    ``output_dir``/log.txt.
+
+    ``tee_streams`` (the command line asks for it): also copy everything printed through ``sys.stdout`` and
+    ``sys.stderr`` (warnings, MLflow's messages, your prints) to log.txt by replacing both streams with a tee
+    of the process's own. From Python (a notebook) the streams are left alone: log.txt then holds the engine's
+    log lines. ``restore_streams`` undoes either.
+    """
     logger = logging.getLogger("engine")
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+    _remove_handlers(logger)
     log_path = None
+    formatter = logging.Formatter(LINE_FORMAT, datefmt=TIME_FORMAT)
     if output_dir is not None and main_process:
         log_path = Path(output_dir) / "log.txt"
-        file = open(log_path, "a", buffering=1)  # line-buffered: a crash still leaves what was printed
-        sys.stdout = _Tee(sys.__stdout__, file)
-        sys.stderr = _Tee(sys.__stderr__, file)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(LINE_FORMAT, datefmt=TIME_FORMAT))
+        if tee_streams:
+            file = open(log_path, "a", buffering=1)  # line-buffered: a crash still leaves what was printed
+            sys.stdout = _Tee(sys.__stdout__, file)
+            sys.stderr = _Tee(sys.__stderr__, file)
+        else:
+            file_handler = _LogFileHandler(log_path)
+            file_handler.setFormatter(formatter)
+            logger.addHandler(file_handler)
+    handler = _AroundBarHandler(sys.stdout)
+    handler.setFormatter(formatter)
     logger.addHandler(handler)
     return log_path
 
 
+class _LogFileHandler(logging.FileHandler):
+    """log.txt without the streams' tee: every record flushed at once, as the tee's line buffering does."""
+
+    def __init__(self, path):
+        super().__init__(path, mode="a", encoding="utf-8")
+
+
+def _remove_handlers(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        if isinstance(handler, _LogFileHandler):
+            handler.close()
+
+
 def restore_streams() -> None:
-    """Undo the tee (at the end of a run, and in tests that run several trainings in one process)."""
+    """Undo ``setup_logging``: the streams as they were, log.txt closed (at the end of a run; a notebook's next
+    run starts from the streams it had)."""
     attach_progress_bar(None)
     tees = [getattr(sys, name) for name in ("stdout", "stderr") if isinstance(getattr(sys, name), _Tee)]
     for tee in tees:
         setattr(sys, "stdout" if tee.stream is sys.__stdout__ else "stderr", tee.stream)
-    for handler in logging.getLogger("engine").handlers:
+    logger = logging.getLogger("engine")
+    for handler in list(logger.handlers):
         if isinstance(handler, logging.StreamHandler) and isinstance(handler.stream, _Tee):
             handler.setStream(sys.stdout)  # before the file closes: setStream flushes the old stream
+        if isinstance(handler, _LogFileHandler):
+            logger.removeHandler(handler)
+            handler.close()
     for tee in tees:
         tee.file.close()

@@ -1,19 +1,11 @@
-"""The life of one run, from built objects: its folder and log, resume, signals, training, the final evaluation
-and model, and an MLflow run that always ends FINISHED, FAILED or KILLED.
+"""The pieces of a run's life that ``engine.runner.Runner`` puts in order: the run folder, the resume point,
+reproducibility, and ``TrainingRun`` (training under signal handling, the final steps, and an MLflow run that
+always ends FINISHED, FAILED or KILLED).
 
-``tools/run.py`` builds the objects from the config and calls these in this order::
-
-    folder = RunFolder(output_dir)          # created now; removed again if the run fails before its first step
-    folder.start_log()                      # log.txt holds everything from here on
-    resumed = find_resume_point(...)        # with --resume: the newest checkpoint that loads and fits
-    folder.write_config(text); configure_reproducibility(seed, deterministic)
-    ... data, model, tracker, trainer ...
-    TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, previous_run)
-
-Order matters for never losing a run: the folder, log.txt and config.yaml exist before anything can fail; the
-MLflow run starts only once the config and the checkpoint have passed every check, and its id is written to
-the folder as soon as it exists; whatever happens, it ends with a final status after everything queued was
-delivered or saved to the folder.
+Why the order (enforced by the Runner's code): the folder, log.txt and config.yaml exist before anything can
+fail; the MLflow run starts only once the config and the checkpoint have passed every check, and its id is
+written to the folder as soon as it exists; whatever happens, it ends with a final status after everything
+queued was delivered or saved to the folder.
 """
 
 import logging
@@ -74,9 +66,9 @@ class RunFolder:
             raise ConfigError(f"cannot write to OUTPUT_DIR {self.path}: {error.strerror}; "
                               "choose a writable folder with OUTPUT_DIR <path>") from None
 
-    def start_log(self) -> None:
-        """log.txt: a copy of all the run prints, from here on."""
-        setup_logging(self.path, is_main_process())
+    def start_log(self, tee_streams: bool = False) -> None:
+        """log.txt, from here on: the engine's lines, or (``tee_streams``) all the process prints."""
+        setup_logging(self.path, is_main_process(), tee_streams)
         logger.info(f"output folder: {self.path}")
 
     def write_config(self, text: str) -> None:
@@ -122,14 +114,14 @@ def configure_reproducibility(seed: int, deterministic: bool) -> None:
         set_deterministic(False)
 
 
-def set_deterministic(mode: bool) -> None:
+def set_deterministic(mode: bool, warn_only: bool = True) -> None:
     """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without importing ``torch._inductor`` (~1 s
     of every start): that function imports it only to copy ``mode`` into inductor's config, which matters to
     torch.compile alone, and engine.compile.compile_model sets it there before compiling."""
     if "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode, warn_only=True)
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
     else:
-        torch._C._set_deterministic_algorithms(mode, warn_only=True)
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def find_resume_point(checkpointer: Checkpointer, check_config: Callable[[str, Path], None]):
@@ -183,6 +175,7 @@ class TrainingRun:
         self.record, self.final = record, final
         self.system_metrics = None
         self.status, self.wait_for_mlflow, self.quick = "FAILED", None, False  # None: the tracker's end_wait
+        self.test_metrics: dict[str, float] = {}  # test_loss, test_acc1 where the dataset has a test split
 
     def run(self, resumed=None, previous_run: str | None = None) -> None:
         if resumed is not None:
@@ -230,6 +223,7 @@ class TrainingRun:
 
     def _evaluate_test(self) -> None:
         results, step = self.final.evaluate_test(), self.trainer.iter
+        self.test_metrics = {"test_loss": results["loss"], "test_acc1": results["acc1"]}
         logger.info(f"test_loss {results['loss']:.4f}  test_acc1 {results['acc1']:.4f}")
         if self.tracker is not None:
             self.tracker.log_metrics([("test_loss", results["loss"], step), ("test_acc1", results["acc1"], step)])

@@ -1,18 +1,16 @@
 """Model registry: ``TRAIN.MODEL_TYPE`` picks a builder ``cfg -> nn.Module``.
 
-Adding a model is one new file with a ``build_<name>(cfg)`` function plus one entry below.
+Adding a model is one new file with a ``build_<name>(cfg)`` function plus one entry below, or, from a file of
+your own, ``@MODEL_REGISTRY.register("<name>")`` (engine/registry.py).
 """
 
 from torch import nn
 
-from config.registry import Registry
+from engine.registry import MODEL_REGISTRY
 from networks.resnet import build_resnet18
 from networks.simple_cnn import SimpleCNN, build_simple_cnn
 
-MODEL_REGISTRY = Registry("TRAIN.MODEL_TYPE", {
-    "simple_cnn": build_simple_cnn,
-    "resnet18": build_resnet18,
-})
+MODEL_REGISTRY.update(simple_cnn=build_simple_cnn, resnet18=build_resnet18)
 
 
 def build_model(cfg) -> nn.Module:

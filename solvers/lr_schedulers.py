@@ -7,7 +7,7 @@ Everything is a pure function of the iteration, so the schedule resumes exactly 
 
 import math
 
-from config.registry import Registry
+from engine.registry import SCHEDULE_REGISTRY
 
 
 # Each builder reads the config once: the returned function runs every step, and a yacs attribute read is a
@@ -30,8 +30,7 @@ def constant(train_cfg, iters_per_epoch, max_iters):
     return lambda it: 1.0
 
 
-SCHEDULE_REGISTRY = Registry("TRAIN.SCHEDULER_TYPE",
-                             {"step_lr": step_lr, "multistep": multistep, "cosine": cosine, "constant": constant})
+SCHEDULE_REGISTRY.update({"step_lr": step_lr, "multistep": multistep, "cosine": cosine, "constant": constant})
 
 
 def with_warmup(schedule, warmup_iters: int):

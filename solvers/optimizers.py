@@ -2,7 +2,7 @@
 
 import torch
 
-from config.registry import Registry
+from engine.registry import OPTIMIZER_REGISTRY
 
 
 def sgd(params, train_cfg):
@@ -19,4 +19,4 @@ def adamw(params, train_cfg):
                              weight_decay=train_cfg.WEIGHT_DECAY)
 
 
-OPTIMIZER_REGISTRY = Registry("TRAIN.OPTIMIZER_TYPE", {"sgd": sgd, "adam": adam, "adamw": adamw})
+OPTIMIZER_REGISTRY.update({"sgd": sgd, "adam": adam, "adamw": adamw})

@@ -5,18 +5,23 @@ exactly what a user runs.
 """
 
 import functools
+import importlib
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from config import ConfigError, flatten_config
 from datasets import DatasetSplits, build_datasets
 from datasets.batches import build_batches
 from datasets.mixing import build_mixing
 from datasets.transforms import build_transform
+from datasets.user_data import LoaderAsIs, splits_from_objects
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
@@ -36,7 +41,9 @@ logger = logging.getLogger("engine")
 
 
 def check_names(cfg) -> None:
-    """Every name the config picks from a registry exists: checked before anything is written or loaded."""
+    """Every name the config picks from a registry exists: checked before anything is written or loaded, once the
+    files and modules of IMPORTS have registered theirs."""
+    import_user_code(cfg.IMPORTS)
     from datasets import DATASET_REGISTRY
     from datasets.transforms import TRANSFORM_REGISTRY
     from networks import MODEL_REGISTRY
@@ -51,6 +58,29 @@ def check_names(cfg) -> None:
             registry.lookup(name)
 
 
+def import_user_code(names) -> None:
+    """Import each of ``names``: a Python file (``my_models.py``, relative to the current folder) or a module
+    (``mypkg.models``), for what it registers."""
+    for name in names:
+        path = Path(name).expanduser()
+        try:
+            if name.endswith(".py"):
+                if not path.is_file():
+                    raise ConfigError(f"IMPORTS: no file {name}; give the path of a Python file (from "
+                                      f"{Path.cwd()}) or a module name")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module  # its classes pickle and its registrations resolve by name
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name.split(".")[0] and error.name != name:
+                raise
+            raise ConfigError(f"IMPORTS: no module named {name}; give a Python file (my_models.py) or a module "
+                              "importable from this folder") from None
+
+
 @dataclass
 class Data:
     splits: DatasetSplits
@@ -59,23 +89,29 @@ class Data:
     test: object | None
 
 
-def build_data(cfg, device) -> Data:
-    """Datasets and batch sources for this process (its share of every global batch under DDP)."""
+def build_data(cfg, device, train_data=None, val_data=None) -> Data:
+    """Datasets and batch sources for this process (its share of every global batch under DDP): of
+    DATA.DATASET_TYPE, or of the user's own ``train_data`` and ``val_data`` (datasets/user_data.py)."""
     rank, world_size = get_rank(), get_world_size()
     if cfg.TRAIN.BATCH_SIZE % world_size:
         raise ConfigError(f"TRAIN.BATCH_SIZE {cfg.TRAIN.BATCH_SIZE} is the global batch and must divide evenly "
                           f"over {world_size} processes; use a multiple of {world_size}")
-    if rank != 0:
-        barrier()  # rank 0 downloads/prepares first, so processes never race on the cache folder
-    splits = build_datasets(cfg)
-    if rank == 0:
-        barrier()
+    if train_data is not None or val_data is not None:
+        splits = splits_from_objects(train_data, val_data, len(cfg.DATA.CLASSES))
+    else:
+        if rank != 0:
+            barrier()  # rank 0 downloads/prepares first, so processes never race on the cache folder
+        splits = build_datasets(cfg)
+        if rank == 0:
+            barrier()
     mixing = build_mixing(cfg, world_size)  # mixup / cutmix of the training batches (None = off)
 
     def batches(split, train):
         if split is None:
             return None
         transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=train)
+        if isinstance(split, DataLoader):
+            return LoaderAsIs(split, transform, device, world_size, cfg.TRAIN.CHANNELS_LAST)
         return build_batches(split, cfg.TRAIN.BATCH_SIZE, transform, device, shuffle=train, seed=cfg.SEED,
                              num_workers=cfg.DATA.NUM_WORKERS, rank=rank, world_size=world_size,
                              channels_last=cfg.TRAIN.CHANNELS_LAST, pretransform=cfg.DATA.PRETRANSFORM,
@@ -84,11 +120,11 @@ def build_data(cfg, device) -> Data:
     return Data(splits, batches(splits.train, True), batches(splits.val, False), batches(splits.test, False))
 
 
-def build_model_for_training(cfg, device, num_gpus: int) -> torch.nn.Module:
-    """The model of TRAIN.MODEL_TYPE with the initial weights of ``MODEL.WEIGHTS`` (if set), on ``device``,
-    wrapped in DataParallel / DistributedDataParallel as the backend asks, and compiled (the wrapper,
-    outermost) with ``TRAIN.COMPILE``."""
-    model = build_model(cfg)
+def build_model_for_training(cfg, device, num_gpus: int, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The model of TRAIN.MODEL_TYPE (or the user's own ``model``) with the initial weights of ``MODEL.WEIGHTS``
+    (if set), on ``device``, wrapped in DataParallel / DistributedDataParallel as the backend asks, and compiled
+    (the wrapper, outermost) with ``TRAIN.COMPILE``."""
+    model = build_model(cfg) if model is None else model
     if cfg.MODEL.WEIGHTS:
         load_weights(model, cfg.MODEL.WEIGHTS)
     model = model.to(device)
@@ -155,16 +191,17 @@ def build_evaluation(cfg, model, data: Data, device, ema: ModelEMA | None = None
 
 
 def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, extra_hooks=(),
-                  loss=None, ema: ModelEMA | None = None) -> Trainer:
+                  loss=None, ema: ModelEMA | None = None, optimizer=None) -> Trainer:
     """The trainer with the built-in hooks, in the order they must run (see engine/hooks.py).
 
     ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointers, so a
     checkpoint holds their state as of the same step. ``tracker`` (an MLflowTracker, or None on other ranks)
     receives the metrics; ``checkpointer`` (None = no checkpoints) saves the state. ``loss``: yours, or
     cross-entropy with ``TRAIN.LABEL_SMOOTHING``. ``ema`` (``build_ema``) is updated after every step,
-    evaluated, and saved as model_best.pth.
+    evaluated, and saved as model_best.pth. ``optimizer``: a torch optimizer of ``model``'s parameters, or a
+    function ``model -> optimizer``; default: TRAIN.OPTIMIZER_TYPE.
     """
-    optimizer = build_optimizer(cfg, model)
+    optimizer = _optimizer_for(cfg, model, optimizer)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
     report = make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker is not None else None
     hooks = [
@@ -184,6 +221,17 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
                    loss=loss or build_loss(cfg), amp=cfg.TRAIN.AMP, amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
                    accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
                    stop_check_period=cfg.LOG.PERIOD, checkpoint_extras={"config": cfg.dump()})
+
+
+def _optimizer_for(cfg, model, given):
+    if given is None:
+        return build_optimizer(cfg, model)
+    if isinstance(given, torch.optim.Optimizer):
+        return given
+    if callable(given):
+        return given(model)
+    raise ConfigError(f"optimizer must be a torch.optim.Optimizer or a function model -> optimizer, not "
+                      f"{type(given).__name__}")
 
 
 def make_tracker(cfg, folder) -> MLflowTracker:
@@ -217,13 +265,13 @@ def run_description(cfg, data: Data) -> str:
             f"batch {cfg.TRAIN.BATCH_SIZE}. Files: {cfg.OUTPUT_DIR}")
 
 
-def evaluate_weights(cfg, device, num_gpus: int):
-    """``--eval-only``: the data, and the evaluation of MODEL.WEIGHTS on EVAL.SPLIT."""
-    data = build_data(cfg, device)
+def evaluate_weights(cfg, device, num_gpus: int, model=None, train_data=None, val_data=None):
+    """``--eval-only``: the data, and the evaluation of MODEL.WEIGHTS (into ``model`` when given) on EVAL.SPLIT."""
+    data = build_data(cfg, device, train_data, val_data)
     batches = data.test if cfg.EVAL.SPLIT == "test" else data.val
     if batches is None:
         raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
-    model = module_to_evaluate(build_model_for_training(cfg, device, num_gpus))
+    model = module_to_evaluate(build_model_for_training(cfg, device, num_gpus, model))
     return data, evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
                           AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
 

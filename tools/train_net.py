@@ -4,14 +4,15 @@
     python tools/train_net.py --config-file config/digits.yaml [KEY VALUE ...]
     python tools/train_net.py --config-file config/digits.yaml OUTPUT_DIR output/run1 --resume
     python tools/train_net.py --config-file config/digits.yaml --eval-only MODEL.WEIGHTS output/run1/model_final.pth
+    python tools/train_net.py --import my_models.py --config-file config/digits.yaml TRAIN.MODEL_TYPE mynet
     torchrun --nproc_per_node 2 tools/train_net.py --config-file ... TRAIN.DISTRIBUTED_BACKEND ddp
+
+Argument parsing and one call of the engine's ``Runner`` (engine/runner.py), which owns the run's life.
 """
 
 import argparse
 import atexit
 import os
-import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 # Only light modules here: the arguments are parsed (and --help answered) before torch, torchvision or mlflow
 # is imported, which takes seconds; main() imports the engine once it has something to run.
-from config.defaults import REPO_ROOT  # noqa: E402
+from tools.restart_command import python_command, resume_command  # noqa: E402, F401 (part of this module's API)
 
 EXIT_INTERRUPTED = 130
 
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT_DIR")
     parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS on EVAL.SPLIT, no training")
     parser.add_argument("--rerun", metavar="RUN_ID", help="train again from the config.yaml of an MLflow run")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
+                        help="a Python file (or module) to import first, for what it registers (config key IMPORTS)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pairs, e.g. TRAIN.LR 0.05")
     args = parser.parse_args(argv)
@@ -51,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, token[2:].replace("-", "_"), True)
         elif token in ("--config-file", "--rerun") and rest:
             setattr(args, token[2:].replace("-", "_"), rest.pop(0))
+        elif token == "--import" and rest:
+            args.imports.append(rest.pop(0))
         else:
             opts.append(token)
     args.opts = opts
@@ -58,34 +63,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None, hooks=(), loss=None) -> int:
-    """The command line, and the public way to train with your own hooks and loss (README, "Extending it"):
-    ``hooks`` (HookBase instances) join the training; ``loss(logits, targets)``, summed over the batch,
-    replaces cross-entropy for training. Returns the exit code."""
+    """The command line, and the way to train with your own hooks and loss from a script of yours that takes the
+    same arguments (README, "Extending it"): ``hooks`` (HookBase instances) join the training; ``loss(logits,
+    targets)``, summed over the batch, replaces cross-entropy for training. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from config import setup_config
-    from engine.hooks import TrainingInterrupted
-    from tools.rerun import rerun_config
-    from tools.run import evaluate_only, train
+    from engine import Runner
+    from engine.distributed import is_main_process
+    from tools import build
 
+    runner = None
     try:
-        if args.rerun:
-            cfg, source_tags = rerun_config(args.rerun, list(args.opts or []))
-        else:
-            cfg, source_tags = setup_config(args), {}
+        cfg, tags = config_of(args)
+        runner = Runner(cfg, build, hooks=hooks, loss=loss, tags=tags, tee_streams=True,
+                        resume_hint=lambda folder: f" (from the repository root):\n{resume_command(argv, folder)}")
         if args.eval_only:
-            evaluate_only(cfg)
-        else:
-            train(cfg, resume=args.resume, extra_tags=source_tags, hooks=hooks, loss=loss)
-        return 0
-    except TrainingInterrupted as stop:
-        print(f"training interrupted: {stop}; continue it with (from the repository root):", file=sys.stderr)
-        print(resume_command(argv, getattr(stop, "output_dir", None)), file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt as stop:
-        print("interrupted at once; continue from the last checkpoint with (from the repository root):",
-              file=sys.stderr)
-        print(resume_command(argv, getattr(stop, "output_dir", None)), file=sys.stderr)
+            runner.evaluate()
+            return 0
+        return 0 if runner.train(resume=args.resume).status == "FINISHED" else EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if is_main_process():
+            print("interrupted at once; continue from the last checkpoint with (from the repository root):",
+                  file=sys.stderr)
+            print(resume_command(argv, runner.output_dir if runner else None), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)  # at once: skip the interpreter's slow teardown (seconds with torch loaded)
@@ -96,42 +96,21 @@ def main(argv=None, hooks=(), loss=None) -> int:
         return 2
 
 
-def resume_command(argv: list[str], output_dir) -> str:
-    """The command that continues this run: the same arguments, its OUTPUT_DIR, and --resume.
+def config_of(args):
+    """The frozen config the arguments ask for, and the MLflow tags that say where it came from."""
+    from config import setup_config
+    from tools.rerun import rerun_config
 
-    Paths are written relative to the repository root when they are inside it, as the command is run from there.
-    """
-    args, rest = [], list(argv)
-    while rest:
-        token = rest.pop(0)
-        if token == "--resume":
-            continue
-        if token == "OUTPUT_DIR" and rest:
-            rest.pop(0)
-            continue
-        if token == "--config-file" and rest:
-            token = f"{token} {shlex.quote(_from_repo_root(rest.pop(0)))}"
-        else:
-            token = shlex.quote(token)
-        args.append(token)
-    if output_dir is not None:
-        args += ["OUTPUT_DIR", shlex.quote(_from_repo_root(str(output_dir)))]
-    return " ".join([shlex.quote(python_command()), "tools/train_net.py", *args, "--resume"])
-
-
-def python_command() -> str:
-    """How to call this interpreter from the repository root: ``.venv/bin/python`` when it is the project's
-    venv (it works whether or not the venv is activated), ``python`` when that is it, else its full path."""
-    executable = Path(sys.executable)
-    if executable.absolute().is_relative_to(REPO_ROOT):
-        return str(executable.absolute().relative_to(REPO_ROOT))
-    on_path = shutil.which("python")
-    return "python" if on_path and Path(on_path).resolve() == executable.resolve() else str(executable)
-
-
-def _from_repo_root(path: str) -> str:
-    absolute = Path(path).resolve()
-    return str(absolute.relative_to(REPO_ROOT)) if absolute.is_relative_to(REPO_ROOT) else str(absolute)
+    if args.rerun:
+        cfg, tags = rerun_config(args.rerun, list(args.opts or []))
+    else:
+        cfg, tags = setup_config(args), {}
+    if args.imports:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.IMPORTS = list(cfg.IMPORTS) + list(args.imports)
+        cfg.freeze()
+    return cfg, tags
 
 
 def one_line(error: Exception) -> str:
