@@ -5,11 +5,12 @@ of your own, ``@DATASET_REGISTRY.register("<name>")`` (engine/registry.py).
 This package shares its name with the Hugging Face ``datasets`` library; see ``tests/test_datasets_name.py``.
 """
 
-from datasets.base import DatasetError, DatasetSplits, TensorSplit
-from datasets.cifar10 import build_cifar10
-from datasets.digits import build_digits
-from datasets.image_folder import build_image_folder
-from datasets.synthetic import build_synthetic
+from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit
+from ptengine.datasets.cifar10 import build_cifar10
+from ptengine.datasets.digits import build_digits
+from ptengine.datasets.image_folder import build_image_folder
+from ptengine.datasets.synthetic import build_synthetic
+
 from engine.registry import DATASET_REGISTRY
 
 DATASET_REGISTRY.update(cifar10=build_cifar10, digits=build_digits, image_folder=build_image_folder,

@@ -60,6 +60,8 @@ class EMAHook(HookBase):
     average of the step that just ran.
     """
 
+    state_key = "EMAHook"  # the class name of earlier versions: their checkpoints still resume
+
     def __init__(self, ema: ModelEMA):
         self.ema = ema
 

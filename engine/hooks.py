@@ -19,8 +19,9 @@ written down; ``engine/trainer.py`` follows it)::
 Subclass ``HookBase`` and override the methods you need (only those are called). ``self.trainer`` is the
 running trainer: ``iter`` counts finished iterations, ``epoch`` is the current epoch (0-based), ``storage``
 collects metrics (``storage.put(name, value, step)``), ``latest_eval`` is the newest evaluation,
-``exception`` is what ended training, if anything. A hook that keeps state across a resume implements
-``state_dict``/``load_state_dict``: it is saved in every checkpoint.
+``exception`` is what ended training, if anything, and ``step_outputs`` the last step's loss and sizes. A hook
+that keeps state across a resume implements ``state_dict``/``load_state_dict`` and names it with ``state_key``:
+it is saved under that name in every checkpoint.
 
 The built-in hooks, in the order ``tools/build.py`` registers them: LRScheduler, EpochTimer, EvalHook,
 MetricWriter, your hooks, BestCheckpointer, PeriodicCheckpointer, ProgressBar.
@@ -48,6 +49,9 @@ class TrainingInterrupted(Exception):
 
 class HookBase:
     trainer = None  # set by Trainer.register_hooks (a weak proxy: hooks do not keep the trainer alive)
+    # The name this hook's state is saved under in checkpoints, and found under on resume. A hook that keeps
+    # state (defines state_dict) must set one; keep it stable across versions of your code.
+    state_key: str | None = None
 
     def before_train(self): ...
 
@@ -80,6 +84,8 @@ def is_period_end(count: int, period: int, last: int) -> bool:
 
 class LRScheduler(HookBase):
     """Records the LR used by the step that just ran, then advances the per-iteration schedule."""
+
+    state_key = "LRScheduler"  # the class name of earlier versions: their checkpoints still resume
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -152,6 +158,8 @@ class MetricWriter(HookBase):
     evaluation. The ETA is for the whole run, from this process's pace so far (evaluations included).
     Its state in a checkpoint is the MLflow run it logs to, which a resume re-attaches.
     """
+
+    state_key = "MetricWriter"  # the class name of earlier versions: their checkpoints still resume
 
     TRAINING_VALUES = ("train_loss", "lr")
     EPOCH_VALUES = ("val_loss", "val_acc1", "val_acc1_raw", "images_per_sec")  # _raw: with EMA (engine/ema.py)
@@ -281,6 +289,8 @@ class BestCheckpointer(HookBase):
     """``model_best.pth``: the weights of the epoch with the best ``val_acc1`` so far (of a fresh evaluation:
     an epoch without one never counts). Registered before ``PeriodicCheckpointer``, so that a checkpoint of
     the same epoch knows the best accuracy so far."""
+
+    state_key = "BestCheckpointer"  # the class name of earlier versions: their checkpoints still resume
 
     def __init__(self, checkpointer, metric: str = "val_acc1", filename: str = "model_best.pth", model=None):
         self.checkpointer, self.metric, self.filename = checkpointer, metric, filename

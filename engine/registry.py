@@ -16,7 +16,7 @@ Then ``TRAIN.MODEL_TYPE mynet`` works from Python, and from the command line onc
 the bad value and the sorted choices, e.g. ``unknown TRAIN.MODEL_TYPE 'vgg16'; choose one of resnet18, simple_cnn``.
 """
 
-from config.setup import ConfigError
+from ptengine.config.setup import ConfigError
 
 
 class Registry(dict):

@@ -66,7 +66,7 @@ def rng_state_of_this_rank(saved) -> dict:
     states = saved if isinstance(saved, list) else [saved]
     rank, world_size = get_rank(), get_world_size()
     if len(states) != world_size and rank == 0:
-        logger.info(f"the checkpoint holds the random states of {len(states)} process(es), this run has "
+        logger.debug(f"the checkpoint holds the random states of {len(states)} process(es), this run has "
                     f"{world_size}")
     return states[rank] if rank < len(states) else states[0]
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ptengine.config import ConfigError
 
-from config import ConfigError
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
-from engine.distributed import broadcast_object, is_main_process
+from engine.distributed import broadcast_object, get_world_size, is_main_process
 from engine.evaluation import per_class_accuracy
 from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
-from engine.hooks import TrainingInterrupted
+from engine.hooks import MetricWriter, TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
 from engine.tracking import redact_credentials
@@ -37,6 +37,8 @@ logger = logging.getLogger("engine")
 RUN_ID_FILE = "mlflow_run_id"
 # Raised by every rank at the same iteration: the ranks leave together (see engine.distributed.process_group).
 AGREED_STOPS = (TrainingInterrupted, FloatingPointError, CheckpointError)
+# The run's tags a resume brings up to date (the others say how the run began).
+RESUME_UPDATES = ("world_size", "distributed_backend", "device", "amp_dtype", "host")
 # Ctrl+C, `kill`, and Slurm's warning before a time limit or preemption (sbatch --signal=USR1@90).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -82,7 +84,7 @@ class RunFolder:
     def previous_run_id(self, resumed) -> str | None:
         """The run to re-attach: the checkpoint's, else the one written at start (a crash before a checkpoint)."""
         saved = resumed[1] if resumed else {}
-        from_checkpoint = saved.get("hooks", {}).get("MetricWriter", {}).get("mlflow_run_id")
+        from_checkpoint = saved.get("hooks", {}).get(MetricWriter.state_key, {}).get("mlflow_run_id")
         path = self.path / RUN_ID_FILE
         return from_checkpoint or (path.read_text().strip() if path.is_file() else None)
 
@@ -181,6 +183,8 @@ class TrainingRun:
         if resumed is not None:
             restore_trainer(self.trainer, *resumed)
         self._start(previous_run)
+        if resumed is not None and self.tracker is not None:
+            self._record_resume(resumed[1])
         try:
             with stop_on_signals(self.trainer):
                 self.trainer.train()
@@ -203,6 +207,18 @@ class TrainingRun:
         run_id = broadcast_object(self.tracker.run_id if self.tracker else None)  # every rank knows the run
         if run_id and sampling and self.tracker is None:  # the first process of another node
             self.system_metrics = SystemMetrics(run_id, self.record.tracking_uri, **options)
+
+    def _record_resume(self, saved: dict) -> None:
+        """A tag per resume (where, from how many processes to how many), and the run's process tags as they are
+        now: a resume on another number of processes continues the run, but not bit for bit."""
+        saved_processes = len(saved["rng"]) if isinstance(saved.get("rng"), list) else 1
+        processes = get_world_size()
+        if saved_processes != processes:
+            logger.warning(f"resuming a run of {saved_processes} process(es) with {processes}: it continues from the "
+                           "checkpoint, but not bit for bit (exact resume needs the same number of processes)")
+        current = {key: self.record.tags[key] for key in RESUME_UPDATES if key in self.record.tags}
+        self.tracker.set_tags({**current, f"resumed_at_iteration_{self.trainer.iter}":
+                               f"world_size {saved_processes} -> {processes}"})
 
     def _finish(self) -> None:
         """model_final.pth, the final confusion matrix, the test split, the model with its final metrics."""

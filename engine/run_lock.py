@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from config import ConfigError
+from ptengine.config import ConfigError
 
 LOCK_FILE = "run.lock"
 

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from ptengine.config import ConfigError
+from ptengine.config.resume import check_resume_config
+from ptengine.config.setup import with_output_dir
 
-from config import ConfigError
-from config.resume import check_resume_config
-from config.setup import with_output_dir
 from engine.checkpoint import Checkpointer
 from engine.distributed import is_main_process, process_group, select_device
 from engine.hooks import TrainingInterrupted
@@ -85,9 +85,10 @@ class Runner:
     def __init__(self, cfg, builder, *, model=None, train_data=None, val_data=None, optimizer=None, loss=None,
                  hooks=(), tags: dict | None = None, tee_streams: bool = False,
                  resume_hint: Callable[[Path], str] | None = None):
-        self.cfg, self.builder = cfg, builder
+        self.builder = builder
         self.model, self.train_data, self.val_data = model, train_data, val_data
         self.optimizer, self.loss, self.hooks = optimizer, loss, list(hooks)
+        self.cfg = self._config_naming_objects(cfg)
         self.tags = dict(tags or {})  # extra MLflow tags (a rerun's rerun_of)
         self.tee_streams, self.resume_hint = tee_streams, resume_hint or _api_resume_hint
         self.output_dir: Path | None = None  # known once the run folder exists
@@ -134,7 +135,7 @@ class Runner:
         cfg, builder = self.cfg, self.builder
         self._run_id = None
         with process_group(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS, leave_together=AGREED_STOPS):
-            builder.check_names(cfg)  # mistakes that need no data are reported before anything is written
+            builder.check_names(cfg, given=self._given())  # mistakes reported before anything is written
             device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
             folder = self._open_folder()
             cfg = with_output_dir(cfg, folder.path)  # config.yaml, the params and the tags say where the files are
@@ -202,6 +203,37 @@ class Runner:
                          best_metrics=dict(best), model=model)
 
     # -- pieces ---------------------------------------------------------------------------------------------
+
+    def _config_naming_objects(self, cfg):
+        """``cfg`` saying what was given instead of its names, so that config.yaml, the MLflow params and the run's
+        description tell the truth: the model's and the dataset's class names, the dataset's class names
+        (torchvision's ``classes``), the optimizer's class."""
+        changes = {}
+        if self.model is not None:
+            changes["TRAIN.MODEL_TYPE"] = type(self.model).__name__
+        data = self.train_data
+        if data is not None:
+            changes["DATA.DATASET_TYPE"] = type(getattr(data, "dataset", data)).__name__
+            names = getattr(getattr(data, "dataset", data), "classes", None)
+            if names:
+                changes["DATA.CLASSES"] = [str(name) for name in names]
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            changes["TRAIN.OPTIMIZER_TYPE"] = type(self.optimizer).__name__
+        if not changes:
+            return cfg
+        cfg = cfg.clone()
+        cfg.defrost()
+        for key, value in changes.items():
+            section, name = key.split(".")
+            cfg[section][name] = value
+        cfg.freeze()
+        return cfg
+
+    def _given(self) -> set[str]:
+        """The config keys whose registry names are not looked up: the objects were given."""
+        keys = {"TRAIN.MODEL_TYPE": self.model, "DATA.DATASET_TYPE": self.train_data,
+                "TRAIN.OPTIMIZER_TYPE": self.optimizer}
+        return {key for key, value in keys.items() if value is not None}
 
     def _open_folder(self) -> RunFolder:
         folder = RunFolder(self.cfg.OUTPUT_DIR or Path.cwd() / "output" / time.strftime("%Y%m%d-%H%M%S"))

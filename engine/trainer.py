@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -75,6 +76,23 @@ class MetricStorage:
         return records
 
 
+@dataclass(slots=True)
+class StepOutputs:
+    """What the step that just ran produced, for ``after_step`` hooks (``trainer.step_outputs``).
+
+    ``loss_sum`` stays on the device (reading it waits for the step: read it every N steps, not every step)."""
+
+    loss_sum: torch.Tensor  # this process's training loss summed over its samples of the step
+    samples: int  # samples in the whole step: all its batches, all processes
+    batches: int  # batches in the step (TRAIN.ACCUM_STEPS, fewer at an epoch's end)
+    iteration: int  # the step's number, 1-based (= trainer.iter after it)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """This process's mean training loss of the step (a device tensor)."""
+        return self.loss_sum * (get_world_size() / self.samples)
+
+
 class Trainer:
     """Runs ``max_epochs`` epochs over ``train_batches``; hooks evaluate, log, checkpoint.
 
@@ -86,8 +104,8 @@ class Trainer:
     accumulation and DDP give the exact mean. ``amp_dtype``: the autocast type of ``amp`` (float16 on CUDA only,
     with a GradScaler; bfloat16 on CUDA and the CPU, without one). ``checkpoint_extras`` are saved as they are
     in every checkpoint. Public state for hooks: ``iter``, ``epoch``, ``max_iter``, ``iters_per_epoch``,
-    ``storage``, ``latest_eval`` (the newest evaluation, set by ``EvalHook``), ``exception`` (what ended
-    ``train``, if anything).
+    ``storage``, ``latest_eval`` (the newest evaluation, set by ``EvalHook``), ``step_outputs`` (the last step's
+    loss and sizes: ``StepOutputs``), ``exception`` (what ended ``train``, if anything).
     """
 
     def __init__(self, model: nn.Module, optimizer, train_batches: BatchSource, max_epochs: int, device,
@@ -116,6 +134,7 @@ class Trainer:
         self.epochs_completed = 0
         self.storage = MetricStorage()
         self.latest_eval: dict | None = None
+        self.step_outputs: StepOutputs | None = None
         self.exception: BaseException | None = None
         # Each step's summed loss (on the device), its samples and its step number: divided, stored as
         # train_loss and checked for NaN or inf at the next flush_metrics, in one batch of tensor ops and the
@@ -131,6 +150,10 @@ class Trainer:
 
     def register_hooks(self, hooks: Iterable[HookBase]) -> None:
         for hook in hooks:
+            if hook.state_key is None and type(hook).state_dict is not HookBase.state_dict:
+                raise TypeError(f"the hook {type(hook).__name__} keeps state (it defines state_dict) but has no "
+                                f"state_key; set state_key = \"{_snake_case(type(hook).__name__)}\" in the class: "
+                                "a stable name its state is saved and found under when a run resumes")
             hook._attach(self)
             self.hooks.append(hook)
         self._dispatch = self._methods_of(self.hooks)
@@ -201,6 +224,7 @@ class Trainer:
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         self._optimizer_step()
         self._step_losses.append((loss_sum, step_samples, self.iter + 1))
+        self.step_outputs = StepOutputs(loss_sum, step_samples, count, self.iter + 1)
 
     def _plan_steps(self) -> list[tuple[int, int]]:
         """(batches, summed samples) of every iteration of an epoch (the last ones may be fewer or smaller)."""
@@ -322,11 +346,11 @@ class Trainer:
         restore_rng_state(rng_state_of_this_rank(state["rng"]))
 
     def _keyed_hooks(self) -> list[tuple[str, HookBase]]:
-        """Hooks named by class, numbered when a class occurs twice (``MyHook``, ``MyHook#2``)."""
+        """Hooks by their ``state_key``, numbered when a key occurs twice (``ema``, ``ema#2``)."""
         seen: dict[str, int] = {}
         keyed = []
         for hook in self.hooks:
-            name = type(hook).__name__
+            name = hook.state_key or type(hook).__name__  # (a hook without state: never saved)
             seen[name] = seen.get(name, 0) + 1
             keyed.append((name if seen[name] == 1 else f"{name}#{seen[name]}", hook))
         return keyed
@@ -339,3 +363,7 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
         logger.info("the checkpoint was written without AMP: the GradScaler starts from its initial scale")
         return
     scaler.load_state_dict(saved)
+
+
+def _snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))

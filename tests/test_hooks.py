@@ -10,11 +10,11 @@ import gc
 
 import pytest
 import torch
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, ToTensor
 from torch import nn
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches
-from datasets.transforms import BatchTransform, ToTensor
 from engine import (
     BestCheckpointer,
     Checkpointer,
@@ -204,6 +204,8 @@ def test_periodic_checkpointer_saves_every_period_and_at_epoch_ends_and_the_best
 class StepCounter(HookBase):
     """A stateful hook: counts the steps it saw, and keeps the count across a resume."""
 
+    state_key = "step_counter"
+
     def __init__(self, every: int):
         self.every, self.count = every, 0
 
@@ -234,3 +236,44 @@ def test_two_hooks_of_the_same_class_keep_their_own_state_through_a_checkpoint()
     restored = [StepCounter(every=1), StepCounter(every=3)]
     tiny_trainer(hooks=restored).load_state_dict(trainer.state_dict())
     assert [hook.count for hook in restored] == [6, 2]
+
+
+def test_the_state_is_saved_under_the_hooks_state_key_not_its_class_name():
+    class Renamed(StepCounter):  # a class renamed in a later version of the user's code: same key, same state
+        pass
+
+    trainer = tiny_trainer(hooks=[StepCounter(every=2)])
+    trainer.train()
+    state = trainer.state_dict()
+    assert state["hooks"]["step_counter"] == {"count": 3}
+    restored = Renamed(every=2)
+    tiny_trainer(hooks=[restored]).load_state_dict(state)
+    assert restored.count == 3
+
+
+def test_a_stateful_hook_without_a_state_key_is_refused_with_the_fix():
+    class Unnamed(HookBase):
+        def state_dict(self):
+            return {"x": 1}
+
+    with pytest.raises(TypeError, match='keeps state .* has no state_key; set state_key = "unnamed"'):
+        tiny_trainer(hooks=[Unnamed()])
+
+
+def test_after_step_sees_the_steps_outputs():
+    seen, logged = {}, {}
+
+    class LossReader(HookBase):
+        def after_step(self):
+            outputs = self.trainer.step_outputs
+            seen[outputs.iteration] = (outputs.samples, outputs.batches, float(outputs.loss))
+
+        def write_metrics(self, records):
+            logged.update({step: value for name, value, step in records if name == "train_loss"})
+
+    trainer = tiny_trainer(hooks=[LossReader()])
+    trainer.train()
+    trainer.flush_metrics()
+    assert sorted(seen) == list(range(1, trainer.max_iter + 1))
+    assert {samples for samples, _, _ in seen.values()} == {4} and {b for _, b, _ in seen.values()} == {1}
+    assert {step: loss for step, (_, _, loss) in seen.items()} == pytest.approx(logged)  # the logged train_loss

@@ -14,14 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ptengine.config import ConfigError, flatten_config
+from ptengine.datasets import DatasetSplits, build_datasets
+from ptengine.datasets.batches import build_batches
+from ptengine.datasets.mixing import build_mixing
+from ptengine.datasets.transforms import build_transform
+from ptengine.datasets.user_data import LoaderAsIs, splits_from_objects
+from ptengine.networks import build_model
+from ptengine.solvers import build_lr_scheduler, build_optimizer
+from ptengine.tools.dataset_inputs import DatasetInputs
+from ptengine.tools.run_record import collect_run_record, git_diff, installed_packages
 from torch.utils.data import DataLoader
 
-from config import ConfigError, flatten_config
-from datasets import DatasetSplits, build_datasets
-from datasets.batches import build_batches
-from datasets.mixing import build_mixing
-from datasets.transforms import build_transform
-from datasets.user_data import LoaderAsIs, splits_from_objects
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
@@ -32,29 +36,25 @@ from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord, make_eval_report
 from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
-from networks import build_model
-from solvers import build_lr_scheduler, build_optimizer
-from tools.dataset_inputs import DatasetInputs
-from tools.run_record import collect_run_record, git_diff, installed_packages
 
 logger = logging.getLogger("engine")
 
 
-def check_names(cfg) -> None:
+def check_names(cfg, given=()) -> None:
     """Every name the config picks from a registry exists: checked before anything is written or loaded, once the
-    files and modules of IMPORTS have registered theirs."""
+    files and modules of IMPORTS have registered theirs. ``given``: keys whose objects the run was handed."""
     import_user_code(cfg.IMPORTS)
-    from datasets import DATASET_REGISTRY
-    from datasets.transforms import TRANSFORM_REGISTRY
-    from networks import MODEL_REGISTRY
-    from solvers.lr_schedulers import SCHEDULE_REGISTRY
-    from solvers.optimizers import OPTIMIZER_REGISTRY
+    from ptengine.datasets import DATASET_REGISTRY
+    from ptengine.datasets.transforms import TRANSFORM_REGISTRY
+    from ptengine.networks import MODEL_REGISTRY
+    from ptengine.solvers.lr_schedulers import SCHEDULE_REGISTRY
+    from ptengine.solvers.optimizers import OPTIMIZER_REGISTRY
 
     for registry, names in [(DATASET_REGISTRY, [cfg.DATA.DATASET_TYPE]), (TRANSFORM_REGISTRY, cfg.DATA.TRANSFORM_LIST),
                             (MODEL_REGISTRY, [cfg.TRAIN.MODEL_TYPE]), (OPTIMIZER_REGISTRY, [cfg.TRAIN.OPTIMIZER_TYPE]),
                             (SCHEDULE_REGISTRY, [cfg.TRAIN.SCHEDULER_TYPE]),
                             (COMPILE_BACKEND_REGISTRY, [cfg.TRAIN.COMPILE_BACKEND] if cfg.TRAIN.COMPILE else [])]:
-        for name in names:
+        for name in names if registry.key not in given else ():
             registry.lookup(name)
 
 
@@ -146,7 +146,7 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         raise CheckpointError(f"MODEL.WEIGHTS: {error}; give the path of a model_final.pth or checkpoint_*.pth "
                               "written by this engine") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        average = (state.get("hooks") or {}).get("EMAHook", {}).get("model")
+        average = (state.get("hooks") or {}).get(EMAHook.state_key, {}).get("model")
         if average is not None:
             logger.info(f"MODEL.WEIGHTS: the EMA weights of {path} (those its val_acc1 was measured on)")
         state = state["model"] if average is None else average

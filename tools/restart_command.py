@@ -11,7 +11,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from config.defaults import REPO_ROOT
+from ptengine.config.defaults import REPO_ROOT
 
 TRAIN_NET = "tools/train_net.py"
 

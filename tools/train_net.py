@@ -16,19 +16,22 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+# Run as a script from any folder. Appended, not first: the project is imported as `ptengine` (ptengine/__init__.py)
+# and its folders never shadow an installed package of the same name (Hugging Face's `datasets`).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 # Only light modules here: the arguments are parsed (and --help answered) before torch, torchvision or mlflow
 # is imported, which takes seconds; main() imports the engine once it has something to run.
-from tools.restart_command import python_command, resume_command  # noqa: E402, F401 (part of this module's API)
+from ptengine.tools.restart_command import python_command, resume_command  # noqa: E402, F401 (part of this module's API)
 
 EXIT_INTERRUPTED = 130
 
 
 def user_errors() -> tuple:
     """Mistakes a user can make: printed as one line, exit code 2, no traceback (unless --debug)."""
-    from config import ConfigError
-    from datasets import DatasetError
+    from ptengine.config import ConfigError
+    from ptengine.datasets import DatasetError
+
     from engine.checkpoint import CheckpointError
 
     return ConfigError, DatasetError, CheckpointError, FloatingPointError
@@ -68,9 +71,10 @@ def main(argv=None, hooks=(), loss=None) -> int:
     targets)``, summed over the batch, replaces cross-entropy for training. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    from ptengine.tools import build
+
     from engine import Runner
     from engine.distributed import is_main_process
-    from tools import build
 
     runner = None
     try:
@@ -98,8 +102,8 @@ def main(argv=None, hooks=(), loss=None) -> int:
 
 def config_of(args):
     """The frozen config the arguments ask for, and the MLflow tags that say where it came from."""
-    from config import setup_config
-    from tools.rerun import rerun_config
+    from ptengine.config import setup_config
+    from ptengine.tools.rerun import rerun_config
 
     if args.rerun:
         cfg, tags = rerun_config(args.rerun, list(args.opts or []))
