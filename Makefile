@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: train test ui lint bench gpu-check
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 train: $(STAMP)  ## train the offline demo (digits) into the local MLflow store

@@ -1,43 +1,71 @@
-"""Our top-level package ``datasets`` shares its name with the Hugging Face library that MLflow knows.
+"""Three of the project's folders have common names: ``datasets`` (Hugging Face's library, which MLflow knows),
+``config`` and ``tools``. The project imports them as ``ptengine.<folder>`` (ptengine/__init__.py), so a package
+of one of those names installed beside it is neither shadowed nor in the way, from a folder outside the
+repository and from the command line."""
 
-Importing MLflow (including ``mlflow.data``, which has Hugging Face support) next to our package must
-neither shadow it nor break MLflow logging.
-"""
-
+import subprocess
+import sys
 from pathlib import Path
 
-import mlflow
-import mlflow.data
+from fault_utils import empty_store, process_env, runs_of
 
-from ptengine import datasets
+import ptengine.datasets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+STAND_INS = ("datasets", "config", "tools")
+
+USER_SCRIPT = """
+import sys
+import datasets, config, tools                      # the other packages of those names
+assert all(getattr(m, "STAND_IN", False) for m in (datasets, config, tools)), [datasets, config, tools]
+import ptengine, engine                             # this project, as installed
+cfg = ptengine.load_config(opts=sys.argv[1:])
+result = ptengine.Runner(cfg).train()
+import datasets as again
+assert again is datasets and sys.modules["config"] is config and sys.modules["tools"] is tools
+print("trained", result.status, result.final_metrics["val_acc1"], "with", datasets.__file__)
+"""
 
 
-def test_datasets_is_our_package_even_after_importing_mlflow():
-    assert Path(datasets.__file__).resolve().is_relative_to(REPO_ROOT)
-    assert hasattr(datasets, "DATASET_REGISTRY") and "digits" in datasets.DATASET_REGISTRY
-    assert hasattr(mlflow.data, "from_numpy")
+def stand_ins(folder: Path) -> Path:
+    """Packages named datasets, config and tools, as another library would install them."""
+    site = folder / "site"
+    for name in STAND_INS:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("STAND_IN = True\n")
+    return site
 
 
-def test_mlflow_logs_a_run_with_our_datasets_imported(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may land in ./mlruns of the repository
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_id = client.create_experiment("name-clash", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(experiment_id).info.run_id
-    note = tmp_path / "note.txt"
-    note.write_text("logged next to our datasets package\n")
+def quick_run(folder: Path) -> list[str]:
+    return ["DATA.DATASET_TYPE", "synthetic", "DATA.SYNTHETIC_SIZE", "128", "TRAIN.BATCH_SIZE", "32",
+            "TRAIN.MAX_EPOCHS", "1", "TRAIN.GPUS", "0", "MLFLOW.LOG_MODEL", "False", "MLFLOW.SYSTEM_METRICS", "False",
+            "LOG.PROGRESS_BAR", "False", "MLFLOW.EXPERIMENT_NAME", "names", "OUTPUT_DIR", str(folder / "output"),
+            "MLFLOW.TRACKING_URI", empty_store(folder / "store")]
 
-    client.log_param(run_id, "DATA.DATASET_TYPE", "digits")
-    client.log_metric(run_id, "val_acc1", 0.97, step=3)
-    client.log_artifact(run_id, str(note))
-    client.set_terminated(run_id)
 
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params == {"DATA.DATASET_TYPE": "digits"}
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_acc1")] == [(3, 0.97)]
-    assert [a.path for a in client.list_artifacts(run_id)] == ["note.txt"]
-    assert (tmp_path / "artifacts" / run_id / "artifacts" / "note.txt").is_file()
-    assert Path(datasets.__file__).resolve().is_relative_to(REPO_ROOT)
+def test_the_projects_folders_are_imported_through_ptengine():
+    assert Path(ptengine.datasets.__file__).resolve() == REPO_ROOT / "datasets" / "__init__.py"
+    assert "digits" in ptengine.datasets.DATASET_REGISTRY
+    code = "import sys, ptengine.tools.build; print(sorted({'datasets', 'config', 'tools'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd="/", env=process_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # the whole builder loaded, and none of the three bare names taken
+
+
+def test_packages_named_datasets_config_and_tools_beside_it_are_not_shadowed(tmp_path):
+    site = stand_ins(tmp_path)
+    (tmp_path / "user_script.py").write_text(USER_SCRIPT)
+    done = subprocess.run([sys.executable, "user_script.py", *quick_run(tmp_path)], cwd=tmp_path,
+                          env=process_env(PYTHONPATH=site), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"with {site / 'datasets' / '__init__.py'}" in done.stdout
+    assert [run.info.status for run in runs_of(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "names")] == \
+        ["FINISHED"]
+
+
+def test_the_command_line_trains_beside_a_package_named_datasets(tmp_path):
+    site = stand_ins(tmp_path)
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), *quick_run(tmp_path)],
+                          cwd=tmp_path, env=process_env(PYTHONPATH=site), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "output" / "model_final.pth").is_file()
