@@ -63,10 +63,13 @@ class Environment:
 
     def describe(self) -> str:
         driver = f"driver {self.driver} (CUDA up to {self.driver_cuda})" if self.driver else "no NVIDIA driver"
-        gpus = "; ".join(f"GPU {i}: {name}, compute capability {major}.{minor}"
-                         for i, (name, (major, minor)) in enumerate(self.gpus)) or "no GPU visible to torch"
-        return (f"gpu-check: {driver}; torch {self.torch_version} built for CUDA {self.wheel_cuda or '(none: CPU only)'}"
-                f" with kernels for {' '.join(self.arch_list) or '(none)'}; {gpus}")
+        wheel = f"CUDA {self.wheel_cuda}" if self.wheel_cuda else "no CUDA (a CPU-only build)"
+        lines = [f"gpu-check: {driver}",
+                 f"gpu-check: torch {self.torch_version}, built for {wheel}, kernels for "
+                 f"{' '.join(self.arch_list) or '(none)'}"]
+        lines += [f"gpu-check: GPU {i}: {name}, compute capability {major}.{minor}"
+                  for i, (name, (major, minor)) in enumerate(self.gpus)] or ["gpu-check: no GPU visible to torch"]
+        return "\n".join(lines)
 
 
 def probe_environment() -> Environment:
