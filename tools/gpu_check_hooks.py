@@ -225,6 +225,8 @@ def main(argv: list[str]) -> int:
     options, train_args = parse_args(argv)
     output_dir = train_args[train_args.index("OUTPUT_DIR") + 1] if "OUTPUT_DIR" in train_args else "."
     hooks = build_hooks(options, options.records or Path(output_dir))
+    if options.float32_exact:  # now too: --eval-only runs no hook
+        Float32Exact().before_train()
     sys.argv = [str(Path(__file__).resolve().parent / "train_net.py"), *train_args]
     exit_at_once(train_net(train_args, hooks=hooks))
 

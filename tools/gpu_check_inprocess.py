@@ -56,8 +56,10 @@ def compare_folder_and_memory_batches(root: Path, device: torch.device) -> Verdi
                              num_workers=cfg.DATA.NUM_WORKERS)
 
     folder, memory = source(splits.train), source(in_memory)
-    if not isinstance(folder, LoaderBatches) or not (folder.loader.pin_memory and folder.loader.num_workers == 2):
-        return verdict(False, "the folder's batches do not come from 2 DataLoader workers into pinned memory")
+    pinned = device.type == "cuda"  # pinned memory is for copies to a GPU
+    if not isinstance(folder, LoaderBatches) or (folder.loader.pin_memory, folder.loader.num_workers) != (pinned, 2):
+        return verdict(False, f"the folder's batches do not come from 2 DataLoader workers "
+                              f"{'into' if pinned else 'without'} pinned memory")
     compared, different = 0, []
     try:
         for epoch, start in ((0, 0), (1, 0), (1, 4)):
@@ -100,7 +102,7 @@ def predict_with_logged_model(store: str, run_id: str, config_path: str, out: st
     torch.save({"logits": logits, "cuda_available": torch.cuda.is_available()}, out)
 
 
-def compare_logged_model(workspace: Workspace, run: Finished) -> Verdict:
+def compare_logged_model(workspace: Workspace, run: Finished, device=torch.device("cuda", 0)) -> Verdict:
     """The model the GPU run logged, loaded on the CPU in a process without CUDA, against model_final.pth on the
     GPU: the same class for every validation image, logits within LOGIT_TOLERANCE."""
     from config import load_config
@@ -117,7 +119,6 @@ def compare_logged_model(workspace: Workspace, run: Finished) -> Verdict:
     cfg = load_config(str(run.output_dir / "config.yaml"))
     model = build_model(cfg)
     model.load_state_dict(run.model_final())
-    device = torch.device("cuda", 0)
     model = model.to(device, memory_format=torch.channels_last).eval()
     torch.backends.cudnn.allow_tf32 = False  # float32 against float32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -137,12 +138,12 @@ SPEED_ARGS = ["--device", "cuda", "--model", "resnet18", "--amp", "--channels-la
               "--images", "25600", "--epochs", "2", "--repeats", "2", "--modes", "bare,engine"]
 
 
-def engine_against_bare_loop(folder: Path) -> tuple[float, float]:
+def engine_against_bare_loop(folder: Path, argv=tuple(SPEED_ARGS)) -> tuple[float, float]:
     """Images per second of the engine and of the bare loop, tools/benchmark.py's modes in this process (the
     order reversed every other repeat, medians of the timed epochs)."""
     from tools import benchmark
 
-    args = benchmark.parse_args(SPEED_ARGS)
+    args = benchmark.parse_args(list(argv))
     results = {mode: benchmark.ModeStats() for mode in args.modes}
     engine_logger = logging.getLogger("engine")
     saved = engine_logger.handlers, engine_logger.propagate
