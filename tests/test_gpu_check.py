@@ -107,3 +107,19 @@ def test_the_dtype_probe_records_what_autocast_ran_on_the_cpu(tmp_path, small_ru
 
     counts = json.loads((records / "dtypes_rank0.json").read_text())
     assert set(counts) == {"train cpu torch.bfloat16", "eval cpu torch.bfloat16"}
+
+
+def test_the_ddp_line_fails_when_one_rank_evaluated_other_batchnorm_statistics(tmp_path):
+    from tools.gpu_check_lines import batchnorm_problems
+    from tools.gpu_check_runs import Finished, Workspace
+
+    run = Finished(Workspace(tmp_path, gpus=2), "ddp", code=0, seconds=1.0)
+    run.records.mkdir()
+    same = {"22": {"bn1": ["aa"], "layer1.0.bn1": ["bb"]}}
+    for rank in (0, 1):
+        (run.records / f"bn_rank{rank}.json").write_text(json.dumps(same))
+    assert batchnorm_problems(run, 2) == []
+
+    (run.records / "bn_rank1.json").write_text(json.dumps({"22": {"bn1": ["aa"], "layer1.0.bn1": ["cc"]}}))
+    assert batchnorm_problems(run, 2) == ["rank 1's BatchNorm statistics differ from rank 0's at the evaluation of "
+                                          "iteration 22"]

@@ -102,7 +102,7 @@ def predict_with_logged_model(store: str, run_id: str, config_path: str, out: st
     torch.save({"logits": logits, "cuda_available": torch.cuda.is_available()}, out)
 
 
-def compare_logged_model(workspace: Workspace, run: Finished, device=torch.device("cuda", 0)) -> Verdict:
+def compare_logged_model(workspace: Workspace, run: Finished, device: str = "cuda:0") -> Verdict:
     """The model the GPU run logged, loaded on the CPU in a process without CUDA, against model_final.pth on the
     GPU: the same class for every validation image, logits within LOGIT_TOLERANCE."""
     from config import load_config
@@ -119,6 +119,7 @@ def compare_logged_model(workspace: Workspace, run: Finished, device=torch.devic
     cfg = load_config(str(run.output_dir / "config.yaml"))
     model = build_model(cfg)
     model.load_state_dict(run.model_final())
+    device = torch.device(device)
     model = model.to(device, memory_format=torch.channels_last).eval()
     torch.backends.cudnn.allow_tf32 = False  # float32 against float32
     torch.backends.cuda.matmul.allow_tf32 = False
