@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from config import ConfigError
+from ptengine.config import ConfigError
 from engine.compile import uncompiled
 
 logger = logging.getLogger("engine")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.gpu_check import Environment, environment_problem
-from tools.gpu_check_table import FAIL, PASS, SKIPPED, Table, Verdict, finish, skipped, verdict
+from ptengine.tools.gpu_check import Environment, environment_problem
+from ptengine.tools.gpu_check_table import FAIL, PASS, SKIPPED, Table, Verdict, finish, skipped, verdict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,8 +97,8 @@ def test_skipped_lines_do_not_fail_the_check(tmp_path):
 
 
 def test_the_dtype_probe_records_what_autocast_ran_on_the_cpu(tmp_path, small_run_opts):
-    from tools.gpu_check_hooks import RecordDtypes
-    from tools.train_net import main
+    from ptengine.tools.gpu_check_hooks import RecordDtypes
+    from ptengine.tools.train_net import main
 
     records = tmp_path / "records"
     records.mkdir()
@@ -110,8 +110,8 @@ def test_the_dtype_probe_records_what_autocast_ran_on_the_cpu(tmp_path, small_ru
 
 
 def test_the_ddp_line_fails_when_one_rank_evaluated_other_batchnorm_statistics(tmp_path):
-    from tools.gpu_check_lines import batchnorm_problems
-    from tools.gpu_check_runs import Finished, Workspace
+    from ptengine.tools.gpu_check_lines import batchnorm_problems
+    from ptengine.tools.gpu_check_runs import Finished, Workspace
 
     run = Finished(Workspace(tmp_path, gpus=2), "ddp", code=0, seconds=1.0)
     run.records.mkdir()

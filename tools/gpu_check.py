@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # as tools/train_net.py does
 
 EXIT_UNFIT = 2
 
@@ -157,9 +157,9 @@ def main(argv=None) -> int:
 
 
 def run_lines(env: Environment, only: str, table_path: Path, keep: bool) -> int:
-    from tools.gpu_check_lines import Check, line_functions
-    from tools.gpu_check_runs import Workspace
-    from tools.gpu_check_table import Table, finish
+    from ptengine.tools.gpu_check_lines import Check, line_functions
+    from ptengine.tools.gpu_check_runs import Workspace
+    from ptengine.tools.gpu_check_table import Table, finish
 
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     table = Table()

@@ -219,8 +219,8 @@ def build_hooks(options: argparse.Namespace, folder: Path) -> list[HookBase]:
 
 
 def main(argv: list[str]) -> int:
-    from tools.train_net import exit_at_once
-    from tools.train_net import main as train_net
+    from ptengine.tools.train_net import exit_at_once
+    from ptengine.tools.train_net import main as train_net
 
     options, train_args = parse_args(argv)
     output_dir = train_args[train_args.index("OUTPUT_DIR") + 1] if "OUTPUT_DIR" in train_args else "."

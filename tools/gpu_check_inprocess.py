@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tools.gpu_check_runs import PYTHON, REPO, Finished, Workspace, child_env
-from tools.gpu_check_table import Verdict, verdict
+from ptengine.tools.gpu_check_runs import PYTHON, REPO, Finished, Workspace, child_env
+from ptengine.tools.gpu_check_table import Verdict, verdict
 
 FOLDER_TRAIN_IMAGES, FOLDER_VAL_PER_CLASS = 640, 10
 FOLDER_TRANSFORMS = ["random_crop", "random_horizontal_flip", "to_tensor", "normalize"]
@@ -23,8 +23,8 @@ LOGIT_TOLERANCE = 1e-3
 # ---- image-folder data ------------------------------------------------------------------------------------
 def write_image_folder(root: Path) -> Path:
     """Random 32x32 RGB images as PNG files in the ImageFolder layout, the CIFAR-10 class names as folders."""
-    from config.defaults import CIFAR10_CLASSES
-    from tools.benchmark import write_png_tree
+    from ptengine.config.defaults import CIFAR10_CLASSES
+    from ptengine.tools.benchmark import write_png_tree
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (FOLDER_TRAIN_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -38,11 +38,11 @@ def write_image_folder(root: Path) -> Path:
 def compare_folder_and_memory_batches(root: Path, device: torch.device) -> Verdict:
     """The folder's batches (2 DataLoader workers, pinned memory, non_blocking copies) against the same images
     held in memory on the device: bit-identical images and labels, two epochs and a mid-epoch restart."""
-    from config import load_config
-    from datasets import build_datasets
-    from datasets.base import TensorSplit
-    from datasets.batches import LoaderBatches, build_batches
-    from datasets.transforms import build_transform
+    from ptengine.config import load_config
+    from ptengine.datasets import build_datasets
+    from ptengine.datasets.base import TensorSplit
+    from ptengine.datasets.batches import LoaderBatches, build_batches
+    from ptengine.datasets.transforms import build_transform
 
     cfg = load_config(None, ["DATA.DATASET_TYPE", "image_folder", "DATA.ROOT", str(root), "DATA.NUM_WORKERS", "2",
                              "DATA.TRANSFORM_LIST", repr(FOLDER_TRANSFORMS), "TRAIN.BATCH_SIZE", "64"])
@@ -79,8 +79,8 @@ def compare_folder_and_memory_batches(root: Path, device: torch.device) -> Verdi
 # ---- the logged model ---------------------------------------------------------------------------------------
 def validation_images(config_path: Path, device) -> torch.Tensor:
     """The run's validation images as the engine feeds them, in whole batches of PREDICTION_BATCH."""
-    from config import load_config
-    from tools.build import build_data
+    from ptengine.config import load_config
+    from ptengine.tools.build import build_data
 
     images = torch.cat([batch.images for batch in build_data(load_config(str(config_path)), device).val.epoch(0)])
     return images[:len(images) // PREDICTION_BATCH * PREDICTION_BATCH]
@@ -105,8 +105,8 @@ def predict_with_logged_model(store: str, run_id: str, config_path: str, out: st
 def compare_logged_model(workspace: Workspace, run: Finished, device: str = "cuda:0") -> Verdict:
     """The model the GPU run logged, loaded on the CPU in a process without CUDA, against model_final.pth on the
     GPU: the same class for every validation image, logits within LOGIT_TOLERANCE."""
-    from config import load_config
-    from networks import build_model
+    from ptengine.config import load_config
+    from ptengine.networks import build_model
 
     out = workspace.root / "logged-model-cpu.pt"
     call = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tools.gpu_check_inprocess import "
@@ -142,7 +142,7 @@ SPEED_ARGS = ["--device", "cuda", "--model", "resnet18", "--amp", "--channels-la
 def engine_against_bare_loop(folder: Path, argv=tuple(SPEED_ARGS)) -> tuple[float, float]:
     """Images per second of the engine and of the bare loop, tools/benchmark.py's modes in this process (the
     order reversed every other repeat, medians of the timed epochs)."""
-    from tools import benchmark
+    from ptengine.tools import benchmark
 
     args = benchmark.parse_args(list(argv))
     results = {mode: benchmark.ModeStats() for mode in args.modes}

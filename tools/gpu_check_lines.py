@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from tools.gpu_check_inprocess import (
+from ptengine.tools.gpu_check_inprocess import (
     FOLDER_TRAIN_IMAGES,
     compare_folder_and_memory_batches,
     compare_logged_model,
     engine_against_bare_loop,
     write_image_folder,
 )
-from tools.gpu_check_runs import TORCHRUN_SIGNALS, Finished, Workspace, progress, wait_for
-from tools.gpu_check_table import Verdict, skipped, verdict
+from ptengine.tools.gpu_check_runs import TORCHRUN_SIGNALS, Finished, Workspace, progress, wait_for
+from ptengine.tools.gpu_check_table import Verdict, skipped, verdict
 
 LOSS_STEPS = 10  # the first steps whose train_loss two float32 runs must share
 LOSS_TOLERANCE = 1e-3  # their largest relative difference (float32 rounding grows to ~1e-5 in 10 steps)
