@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # as tools/train_net.py does
 
 import torch  # noqa: E402
 

@@ -109,7 +109,7 @@ def compare_logged_model(workspace: Workspace, run: Finished, device: str = "cud
     from ptengine.networks import build_model
 
     out = workspace.root / "logged-model-cpu.pt"
-    call = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tools.gpu_check_inprocess import "
+    call = (f"import sys; sys.path.append({str(REPO)!r}); from ptengine.tools.gpu_check_inprocess import "
             f"predict_with_logged_model as p; p({workspace.store!r}, {run.mlflow_run().info.run_id!r}, "
             f"{str(run.output_dir / 'config.yaml')!r}, {str(out)!r})")
     loaded = workspace.run_command("logged-model-cpu", [PYTHON, "-c", call], env=child_env(CUDA_VISIBLE_DEVICES=""))
