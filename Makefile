@@ -24,7 +24,7 @@ test: $(STAMP)  ## lint (Python, shell, Dockerfile), then the whole test suite
 bench: $(STAMP)  ## speed of the engine against a bare PyTorch loop (about 8 minutes on 2 CPU cores)
 	$(PY) tools/benchmark.py
 
-gpu-check: $(STAMP)  ## on a GPU machine, once: the CUDA paths (AMP, dp, NCCL, resume, ...), PASS/FAIL per line (~5 min)
+gpu-check: $(STAMP)  ## on a GPU machine, once: every CUDA path (AMP, dp, NCCL, resume, ...), a PASS/FAIL table (~8 min)
 	$(PY) tools/gpu_check.py
 
 ui: $(STAMP)  ## MLflow UI for the local store on http://127.0.0.1:$${MLFLOW_PORT:-5000} (MLFLOW_ARGS="--workers 4")
