@@ -64,15 +64,15 @@ def this_launcher() -> list[str]:
 def torchrun_launcher() -> list[str]:
     """torchrun and the options it was given, read from the command line of the agent that started this worker
     (its parent process); from the environment torchrun sets when that cannot be read."""
-    agent = _parent_command_line()
-    script = sys.argv[0]
+    agent, agent_folder = _parent_command_line()
+    script = Path(running_script()).resolve()
     for start, token in enumerate(agent):
         if token.endswith("torchrun") or token == "torch.distributed.run":
             options = agent[start + 1:]
-            if script in options:
-                options = options[:options.index(script)]
+            at = next((i for i, option in enumerate(options) if (agent_folder / option).resolve() == script), None)
+            if at is not None:
                 name = _from_repo_root(token) if token.endswith("torchrun") else f"{python_command()} -m {token}"
-                return [shlex.quote(name) if "/" in name else name, *map(shlex.quote, options)]
+                return [shlex.quote(name), *map(shlex.quote, options[:at])]
     local, world = os.environ.get("LOCAL_WORLD_SIZE", "1"), os.environ.get("WORLD_SIZE", "1")
     launcher = ["torchrun", "--nproc_per_node", local]
     if world != local:
@@ -82,12 +82,14 @@ def torchrun_launcher() -> list[str]:
     return launcher
 
 
-def _parent_command_line() -> list[str]:
+def _parent_command_line() -> tuple[list[str], Path]:
+    """The parent process's arguments and working folder (Linux's /proc; nothing elsewhere)."""
     try:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        folder = Path(f"/proc/{os.getppid()}/cwd").resolve()
     except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+        return [], Path.cwd()
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part], folder
 
 
 def python_command() -> str:
