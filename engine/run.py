@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
 from engine.hooks import TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
-from engine.tracking import redact_credentials
+from engine.tracking import ModelCard, redact_credentials
 
 logger = logging.getLogger("engine")
 
@@ -169,8 +169,10 @@ class FinalSteps:
     class_names: list[str]
     model: torch.nn.Module | None = None  # saved as model_final.pth and logged (default: the trainer's module)
     evaluate_test: Callable[[], dict] | None = None  # the test split's evaluation, where there is one
-    model_name: str = "model"  # the logged model's name: what it is
-    example_input: torch.Tensor | None = None  # a batch of two, for the logged model's signature
+    example_input: torch.Tensor | None = None  # a batch of two as the module takes it (for torch.export)
+    card: ModelCard | None = None  # how the logged model takes a user's images, and its description
+    # Metric-name prefix ("val_", "test_") -> its dataset ({"name", "digest"}), asked for when the model is logged.
+    metric_datasets: Callable[[], dict[str, dict]] = dict
     log_model: bool = True
     register_as: str = ""  # also a new version of this registered model (empty: not registered)
 
@@ -223,10 +225,12 @@ class TrainingRun:
                                "confusion_matrix.png")
         if final.evaluate_test is not None:
             self._evaluate_test()
-        if tracker is not None and final.log_model and final.example_input is not None:
-            if tracker.log_model(model, final.example_input, name=final.model_name,
-                                 step=trainer.iter, register_as=final.register_as):
-                logger.info(f"logged the model '{final.model_name}' to MLflow (mlflow.pytorch, pt2 format)")
+        if tracker is not None and final.log_model and final.card is not None:
+            card = replace(final.card, metric_datasets=final.metric_datasets())
+            info = tracker.log_model(model, final.example_input, card, step=trainer.iter,
+                                     register_as=final.register_as)
+            if info is not None:
+                logger.info(f"logged the model to MLflow: mlflow.pyfunc.load_model('runs:/{tracker.run_id}/model')")
 
     def _evaluate_test(self) -> None:
         results, step = self.final.evaluate_test(), self.trainer.iter

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, flatten_config
-from datasets import DatasetSplits, build_datasets
+from datasets import DatasetSplits, TensorSplit, build_datasets
 from datasets.batches import build_batches
 from datasets.mixing import build_mixing
 from datasets.transforms import build_transform
@@ -25,7 +25,7 @@ from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
 from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord, make_eval_report
-from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
+from engine.tracking import MLflowTracker, ModelCard, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
 from networks import build_model
 from solvers import build_lr_scheduler, build_optimizer
@@ -228,15 +228,72 @@ def evaluate_weights(cfg, device, num_gpus: int):
                           AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
 
 
-def build_final_steps(cfg, data: Data, final_model, device) -> FinalSteps:
+def build_final_steps(cfg, data: Data, final_model, device, dataset_inputs: DatasetInputs | None = None) -> FinalSteps:
     """``final_model``: the weights of model_final.pth, the test split and the logged model (the EMA's with
-    TRAIN.EMA_DECAY, else the trained ones)."""
+    TRAIN.EMA_DECAY, else the trained ones). ``dataset_inputs``: the run's, whose validation and test datasets
+    the logged model's metrics are attached to."""
     num_classes, amp_dtype = len(cfg.DATA.CLASSES), AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]
     evaluate_test = None
     if data.test is not None:
         def evaluate_test():
             return evaluate(final_model, data.test, num_classes, device, cfg.TRAIN.AMP, amp_dtype)
-    example = next(iter(data.val.epoch(0))).images[:2].float().cpu() if cfg.MLFLOW.LOG_MODEL else None
-    return FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test, model=final_model,
-                      model_name=f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}", example_input=example,
-                      log_model=cfg.MLFLOW.LOG_MODEL, register_as=cfg.MLFLOW.REGISTER_MODEL)
+    final = FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test, model=final_model,
+                       log_model=cfg.MLFLOW.LOG_MODEL, register_as=cfg.MLFLOW.REGISTER_MODEL)
+    if cfg.MLFLOW.LOG_MODEL:
+        final.example_input = next(iter(data.val.epoch(0))).images[:2].float().cpu().contiguous()
+        final.card = model_card(cfg, data, final.example_input.shape)
+        if dataset_inputs is not None:
+            final.metric_datasets = dataset_inputs.metric_datasets
+    return final
+
+
+def model_card(cfg, data: Data, input_shape) -> ModelCard | None:
+    """How the logged model turns a user's image into what the network saw in evaluation, and its description."""
+    channels, height, width = input_shape[1:]
+    if channels not in (1, 3):
+        logger.warning(f"the model is not logged: it takes {channels}-channel images and MLflow's image model "
+                       "here takes grey (DATA.INPUT_DIM 1) or RGB (3) ones")
+        return None
+    mean, std = evaluation_normalization(cfg, data.splits, channels)
+    preprocessing = {"class_names": list(cfg.DATA.CLASSES), "channels": channels, "height": height, "width": width,
+                     "mean": mean, "std": std}
+    colour = "grey" if channels == 1 else "RGB"
+    description = (f"{cfg.TRAIN.MODEL_TYPE} trained on {cfg.DATA.DATASET_TYPE}: {len(cfg.DATA.CLASSES)} classes "
+                   f"({', '.join(cfg.DATA.CLASSES[:10])}{', ...' if len(cfg.DATA.CLASSES) > 10 else ''}).\n\n"
+                   f"mlflow.pyfunc.load_model('runs:/<run id>/model').predict({{'image': [...]}}) takes PNG/JPEG "
+                   f"bytes or uint8 HxWxC arrays of any size ({colour}, resized to {height}x{width}, normalized "
+                   f"with mean {[round(m, 4) for m in mean]} and std {[round(s, 4) for s in std]}) and returns "
+                   "the class, its probability and every class's probability. The nn.Module: "
+                   "mlflow.pytorch.load_model('runs:/<run id>/model/artifacts/pytorch_model').\n\n"
+                   f"Files: {cfg.OUTPUT_DIR}")
+    return ModelCard(preprocessing=preprocessing, example=example_png(data.splits.val), description=description,
+                     model_type=f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}")
+
+
+def evaluation_normalization(cfg, splits, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, in [0, 1] units, of what the evaluation transforms do to a uint8 pixel ``p``:
+    ``(p / 255 - mean) / std``. Measured on the transforms themselves, so that a list without ``normalize``
+    (or ``to_tensor``) is described as it is."""
+    transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=False)
+    probe = torch.tensor([0, 255, 128], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, channels, 1, 1)
+    black, white, grey = transform(probe.contiguous(), torch.arange(3), 0).double()[:, :, 0, 0]
+    std = 1 / (white - black)
+    mean = -black * std
+    if not torch.allclose(grey, (128 / 255 - mean) / std, atol=1e-4):
+        raise ConfigError(f"the evaluation transforms of DATA.TRANSFORM_LIST {list(cfg.DATA.TRANSFORM_LIST)} are "
+                          "not a per-channel scale and shift, which the logged model's image input assumes; "
+                          "set MLFLOW.LOG_MODEL False")
+    return mean.tolist(), std.tolist()
+
+
+def example_png(split) -> bytes:
+    """The split's first image as PNG file bytes."""
+    import io
+
+    from PIL import Image
+
+    image = split.images[0] if isinstance(split, TensorSplit) else split[0][0]
+    pixels = image.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

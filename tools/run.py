@@ -83,7 +83,8 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
     ema = build.build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated, and saved as model_best / model_final (None = off)
     built["trainer"] = trainer = build.build_trainer(cfg, model, data, device, tracker, checkpointer, hooks, loss, ema)
     record = build.build_run_record(cfg, device, num_gpus, data, tracker, extra_tags)
-    final = build.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device)
+    final = build.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model, device,
+                                    dataset_inputs=next(iter(record.background), None))
     previous_run = folder.previous_run_id(resumed) if resume else None  # a fresh run never re-attaches one
     TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, previous_run)
 
