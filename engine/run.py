@@ -33,8 +33,8 @@ import torch
 from config import ConfigError
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
 from engine.distributed import broadcast_object, is_main_process
-from engine.evaluation import per_class_accuracy
-from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
+from engine.eval_report import log_per_class_accuracy
+from engine.figures import confusion_matrix_figure
 from engine.hooks import TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
@@ -237,7 +237,8 @@ class TrainingRun:
         logger.info(f"test_loss {results['loss']:.4f}  test_acc1 {results['acc1']:.4f}")
         if self.tracker is not None:
             self.tracker.log_metrics([("test_loss", results["loss"], step), ("test_acc1", results["acc1"], step)])
-            make_eval_report(self.tracker, self.final.class_names, "test")(results, step)
+            log_per_class_accuracy(self.tracker, self.final.class_names, "test", results, step,
+                                   ["per_class_accuracy/test.png"])
             self.tracker.log_figure(confusion_matrix_figure(results["confusion"], self.final.class_names),
                                     "confusion_matrix_test.png")
 
@@ -299,24 +300,11 @@ def restore_trainer(trainer, path: Path, state: dict) -> None:
     logger.info(f"resumed from {path.name} at iteration {trainer.iter}")
 
 
-def make_eval_report(tracker, class_names, split: str):
-    """``report(results, step)``: per-class accuracy of one evaluation as a figure and a table in MLflow."""
-    def report(results: dict, step: int) -> None:
-        accuracies = per_class_accuracy(results["confusion"])
-        name = f"per_class_accuracy/{split}_step_{step:08d}"
-        title = f"{split} accuracy per class at step {step} (overall {results['acc1']:.3f})"
-        tracker.log_figure(per_class_accuracy_figure(accuracies, class_names, title), f"{name}.png")
-        counts = results["confusion"].sum(dim=1).tolist()
-        tracker.log_table({"class": list(class_names), "accuracy": accuracies, "images": counts}, f"{name}.json")
-
-    return report
-
-
 def record_evaluation(tracker, record: RunRecord, split: str, results: dict, class_names) -> None:
     """``--eval-only``: an MLflow run of its own with the loss, accuracy, per-class table and confusion matrix."""
     start_tracker(tracker, record)
     tracker.log_metrics([(f"{split}_loss", results["loss"], 0), (f"{split}_acc1", results["acc1"], 0)])
-    make_eval_report(tracker, class_names, split)(results, 0)
+    log_per_class_accuracy(tracker, class_names, split, results, 0, [f"per_class_accuracy/{split}.png"])
     tracker.log_figure(confusion_matrix_figure(results["confusion"], class_names), "confusion_matrix.png")
     end_tracker(tracker, "FINISHED")
 

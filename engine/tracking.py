@@ -26,7 +26,7 @@ from config import ConfigError
 from config.defaults import REPO_ROOT
 from engine.checkpoint import atomic_write_bytes
 from engine.delivery_process import DeliveryProcess
-from engine.mlflow_delivery import artifact_root, environment, make_client, short, sqlite_path  # noqa: F401 (re-exported)
+from engine.mlflow_delivery import artifact_folder, artifact_root, environment, make_client, short, sqlite_path  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("engine")
 
@@ -90,8 +90,9 @@ class MLflowTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str = "", pending_dir=None,
-                 on_run_id=None, end_wait: float = 60.0):
+                 on_run_id=None, end_wait: float = 60.0, name_prefix: str = ""):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
+        self.name_prefix = name_prefix  # without run_name: "<prefix>-<the name MLflow picks>" ("eval", "rerun")
         self.end_wait = end_wait  # the longest ``end`` waits for delivery (MLFLOW.END_WAIT)
         self.pending_dir = Path(pending_dir) if pending_dir else None
         self.on_run_id = on_run_id
@@ -129,7 +130,8 @@ class MLflowTracker:
         params, tags = {k: str(v) for k, v in params.items()}, {k: str(v) for k, v in (tags or {}).items()}
         self._header = {"params": params, "tags": tags}
         start = {"tracking_uri": self.tracking_uri, "experiment_name": self.experiment_name,
-                 "run_name": self.run_name, "params": params, "tags": tags, "run_id": run_id}
+                 "run_name": self.run_name, "params": params, "tags": tags, "run_id": run_id,
+                 "name_prefix": self.name_prefix}
         answer = self._process.ask(("start", start), ("started", "failed"), timeout=START_TIMEOUT)
         if answer is None:
             raise RuntimeError("the MLflow delivery process did not start (see the lines above)")
@@ -186,12 +188,12 @@ class MLflowTracker:
         folder of the run's artifacts (``per_class_accuracy/val.png``)."""
         path = self._artifact_path(artifact_file)
         figure.savefig(path)
-        self._queue_one(("artifact", str(path), _folder_of(artifact_file)))
+        self._queue_one(("artifact", str(path), artifact_folder(artifact_file)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         path = self._artifact_path(artifact_file)
         path.write_text(text)
-        self._queue_one(("artifact", str(path), _folder_of(artifact_file)))
+        self._queue_one(("artifact", str(path), artifact_folder(artifact_file)))
 
     def _artifact_path(self, name: str) -> Path:
         """Where a generated artifact waits for its upload: OUTPUT_DIR/mlflow_artifacts, so that it is still
@@ -329,7 +331,7 @@ class MLflowTracker:
             return
         # Enough to create the run later (tools/upload_pending.py) if it never existed.
         header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment_name, "run_id": self.run_id,
-                  "run_name": self.run_name, **self._header}
+                  "run_name": self.run_name, "name_prefix": self.name_prefix, **self._header}
         lines = [json.dumps(header)] + [json.dumps(item) for item in pending]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         if not quiet:
@@ -370,11 +372,6 @@ def quiet_mlflow():
 def read_pending_file(path: Path) -> tuple[dict, list]:
     lines = Path(path).read_text().splitlines()
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
-
-
-def _folder_of(artifact_file: str) -> str | None:
-    folder = str(Path(artifact_file).parent)
-    return None if folder == "." else folder
 
 
 def _torch_version() -> str:

@@ -22,9 +22,10 @@ from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
 from engine.ema import EMAHook, ModelEMA
+from engine.eval_report import PerClassAccuracyReport
 from engine.evaluation import evaluate
 from engine.precision import AMP_DTYPES
-from engine.run import FinalSteps, RunRecord, make_eval_report
+from engine.run import FinalSteps, RunRecord
 from engine.tracking import MLflowTracker, ModelCard, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
 from networks import build_model
@@ -166,12 +167,12 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
     """
     optimizer = build_optimizer(cfg, model)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
-    report = make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker is not None else None
     hooks = [
         *([EMAHook(ema)] if ema is not None else []),  # first: every other hook sees the average of this step
         engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
         engine_hooks.EpochTimer(len(data.splits.train)),
-        engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD, report=report),
+        engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD),
+        *([PerClassAccuracyReport(tracker, cfg.DATA.CLASSES)] if tracker is not None else []),
         engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD),
         *extra_hooks,
     ]
@@ -186,11 +187,12 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
                    stop_check_period=cfg.LOG.PERIOD, checkpoint_extras={"config": cfg.dump()})
 
 
-def make_tracker(cfg, folder) -> MLflowTracker:
-    """The MLflow tracker of a run whose files are in ``folder`` (a RunFolder): it learns the run id there."""
+def make_tracker(cfg, folder, kind: str = "") -> MLflowTracker:
+    """The MLflow tracker of a run whose files are in ``folder`` (a RunFolder): it learns the run id there.
+    ``kind`` ("eval", "rerun") starts the name MLflow gives the run when MLFLOW.RUN_NAME is empty."""
     return MLflowTracker(resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI), cfg.MLFLOW.EXPERIMENT_NAME,
                          cfg.MLFLOW.RUN_NAME, pending_dir=folder.path, on_run_id=folder.remember_run_id,
-                         end_wait=cfg.MLFLOW.END_WAIT)
+                         end_wait=cfg.MLFLOW.END_WAIT, name_prefix=kind)
 
 
 def build_run_record(cfg, device, num_gpus: int, data: Data, tracker, extra_tags: dict,

@@ -71,7 +71,8 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
     folder.start_log()
     # First, so that its delivery process imports MLflow while the run is being built (the store is untouched
     # until the run starts: a run refused before that leaves no trace in it).
-    built["tracker"] = tracker = build.make_tracker(cfg, folder) if is_main_process() else None
+    kind = "rerun" if "rerun_of" in extra_tags else ""
+    built["tracker"] = tracker = build.make_tracker(cfg, folder, kind) if is_main_process() else None
     resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
         if resume else None
     folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
@@ -111,7 +112,7 @@ def evaluate_only(cfg) -> dict:
             description = (f"evaluation of {cfg.MODEL.WEIGHTS} on the {split} split of {cfg.DATA.DATASET_TYPE} "
                            f"({results['count']} images)")
             record = build.build_run_record(cfg, device, num_gpus, data, None, {"mode": "eval-only"}, description)
-            record_evaluation(build.make_tracker(cfg, folder), record, split, results, cfg.DATA.CLASSES)
+            record_evaluation(build.make_tracker(cfg, folder, "eval"), record, split, results, cfg.DATA.CLASSES)
         return results
 
 
