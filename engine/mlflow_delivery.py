@@ -169,22 +169,36 @@ class RunDelivery:
             self._logged_steps[name] = max(step, self._logged_steps.get(name, -1))
 
     def _deliver_table(self, data: dict, artifact_file: str) -> None:
-        """``log_table`` appends to the run's table of that name; rows of a ``step`` it holds already (re-sent
-        after a resume) are left out."""
-        if "step" in data and any(f.path == artifact_file for f in self.client.list_artifacts(
-                self.run_id, artifact_folder(artifact_file))):
-            import tempfile
+        """A new table goes through ``log_table`` (which makes it one in the UI); its rows are written here, as
+        are later ones: ``log_table``'s own append re-reads the file with pandas, which turns class names such
+        as "0" into numbers. Rows of a ``step`` the table holds already (re-sent after a resume) are left out."""
+        import json
+        import tempfile
 
-            import pandas as pd
+        with tempfile.TemporaryDirectory() as folder:
+            table = self._held_table(artifact_file, folder)
+            if table is None:  # then rewritten below: log_table writes floats with 10 digits, the rest 17
+                self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+                table = {"columns": list(data), "data": []}
+            columns, rows = table["columns"], table["data"]
+            held = {row[columns.index("step")] for row in rows} if "step" in columns else set()
+            new = [list(row) for row in zip(*(data[column] for column in columns), strict=True)
+                   if "step" not in columns or row[columns.index("step")] not in held]
+            if new:
+                path = Path(folder) / "new" / Path(artifact_file).name
+                path.parent.mkdir()
+                path.write_text(json.dumps({"columns": columns, "data": rows + new}))
+                self.client.log_artifact(self.run_id, str(path), artifact_folder(artifact_file))
 
-            with tempfile.TemporaryDirectory() as folder, environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
-                path = self.client.download_artifacts(self.run_id, artifact_file, folder)
-                held = set(pd.read_json(path, orient="split")["step"])
-            keep = [row for row, step in enumerate(data["step"]) if step not in held]
-            if not keep:
-                return
-            data = {column: [values[row] for row in keep] for column, values in data.items()}
-        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+    def _held_table(self, artifact_file: str, folder: str) -> dict | None:
+        """The run's table ``artifact_file`` as MLflow wrote it ({"columns", "data"}), or None."""
+        import json
+
+        if not any(f.path == artifact_file for f in self.client.list_artifacts(self.run_id,
+                                                                                artifact_folder(artifact_file))):
+            return None
+        with environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            return json.loads(Path(self.client.download_artifacts(self.run_id, artifact_file, folder)).read_text())
 
     def _deliver_inputs(self, datasets: list[dict]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
