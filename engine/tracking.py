@@ -61,7 +61,7 @@ class ModelCard:
 
     preprocessing: dict  # engine.image_classifier.PREPROCESSING_KEYS, plain values
     example: bytes  # a PNG of one validation image: the model's input example
-    description: str = ""
+    description: str = ""  # markdown; "<run id>" in it becomes the run's id
     model_type: str = ""  # what it is, e.g. "simple_cnn-digits" (the artifact itself is always "model")
     # Metric-name prefix -> the dataset those metrics were measured on ({"name": ..., "digest": ...}).
     metric_datasets: dict[str, dict] = field(default_factory=dict)
@@ -257,7 +257,8 @@ class MLflowTracker:
         run = client.get_run(self.run_id)
         logged = mlflow.initialize_logged_model(
             name=MODEL_ARTIFACT, source_run_id=self.run_id, experiment_id=run.info.experiment_id,
-            model_type=card.model_type, params=run.data.params, tags={"mlflow.note.content": card.description})
+            model_type=card.model_type, params=run.data.params,
+            tags={"mlflow.note.content": card.description.replace("<run id>", self.run_id)})
         requirements = [f"torch=={_torch_version()}", f"pillow=={_pillow_version()}"]
         with tempfile.TemporaryDirectory(prefix="model-") as folder:
             network = Path(folder) / image_classifier.NETWORK_ARTIFACT

@@ -180,6 +180,7 @@ def test_the_logged_model_carries_the_final_evaluation_on_its_dataset_and_a_desc
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     assert model.name == "model" and model.model_type == "simple_cnn-digits"  # runs:/<id>/model; what it is
     assert "simple_cnn trained on digits" in model.tags["mlflow.note.content"]
+    assert f"runs:/{run.info.run_id}/model" in model.tags["mlflow.note.content"]  # how to load it, ready to paste
     on_model = {metric.key: metric for metric in model.metrics}
     # The final evaluation's metrics, measured on the validation dataset the run logged as its input; not the
     # per-step training values, nor the system metrics (a step counter of their own).
