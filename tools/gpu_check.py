@@ -219,8 +219,9 @@ def max_difference(weights: dict, reference: dict) -> float:
 
 # ---- --child: a training with a hook -----------------------------------------------------------------------
 def run_child(kind: str, argv: list[str]) -> int:
+    from ptengine.tools.train_net import main as train_net
+
     from engine.hooks import HookBase
-    from tools.train_net import main as train_net
 
     class KillAfterStep(HookBase):
         def after_step(self):
