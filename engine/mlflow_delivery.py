@@ -30,6 +30,9 @@ MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
 # its fixed cost (MLflow's run check and commit, about 8 ms of CPU) is shared by more records.
 MAX_METRICS_PER_BULK_REQUEST = 20_000
 MAX_PARAMS_PER_REQUEST = 100
+# MLflow 3's UI opens an experiment on its GenAI pages (traces overview) unless this experiment tag says it is
+# for training models: then it opens on the runs. The values are those of the UI's experiment-kind selector.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -79,6 +82,12 @@ def environment(name: str, value: str | None):
             os.environ[name] = previous
 
 
+def artifact_folder(artifact_file: str) -> str | None:
+    """The folder part of a run artifact's name (None at the top)."""
+    folder = Path(artifact_file).parent.as_posix()
+    return None if folder == "." else folder
+
+
 def is_unreachable(error: Exception) -> bool:
     text = f"{type(error).__name__} {error}".lower()
     return any(word in text for word in ("connection", "max retries", "timed out", "timeout", "unreachable"))
@@ -96,8 +105,9 @@ class RunDelivery:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str, params: dict, tags: dict,
-                 run_id: str | None, on_run_id=None, client=None):
+                 run_id: str | None, on_run_id=None, client=None, name_prefix: str = ""):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
+        self.name_prefix = name_prefix  # what the run is ("eval", "rerun"), before the name MLflow picks
         self.client = client or make_client(tracking_uri)
         self.run_id, self._params, self._tags = run_id, dict(params), dict(tags)
         self.on_run_id = on_run_id
@@ -134,7 +144,7 @@ class RunDelivery:
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=batch[0][1])
         elif kind == "table":
-            self.client.log_table(self.run_id, data=batch[0][1], artifact_file=batch[0][2])
+            self._deliver_table(*batch[0][1:])
         elif kind == "inputs":
             self._deliver_inputs(batch[0][1])
 
@@ -158,6 +168,38 @@ class RunDelivery:
         for name, _, step, _ in records:  # a re-queued copy of a delivered step (after a resume) is skipped too
             self._logged_steps[name] = max(step, self._logged_steps.get(name, -1))
 
+    def _deliver_table(self, data: dict, artifact_file: str) -> None:
+        """A new table goes through ``log_table`` (which makes it one in the UI); its rows are written here, as
+        are later ones: ``log_table``'s own append re-reads the file with pandas, which turns class names such
+        as "0" into numbers. Rows of a ``step`` the table holds already (re-sent after a resume) are left out."""
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            table = self._held_table(artifact_file, folder)
+            if table is None:  # then rewritten below: log_table writes floats with 10 digits, the rest 17
+                self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+                table = {"columns": list(data), "data": []}
+            columns, rows = table["columns"], table["data"]
+            held = {row[columns.index("step")] for row in rows} if "step" in columns else set()
+            new = [list(row) for row in zip(*(data[column] for column in columns), strict=True)
+                   if "step" not in columns or row[columns.index("step")] not in held]
+            if new:
+                path = Path(folder) / "new" / Path(artifact_file).name
+                path.parent.mkdir()
+                path.write_text(json.dumps({"columns": columns, "data": rows + new}))
+                self.client.log_artifact(self.run_id, str(path), artifact_folder(artifact_file))
+
+    def _held_table(self, artifact_file: str, folder: str) -> dict | None:
+        """The run's table ``artifact_file`` as MLflow wrote it ({"columns", "data"}), or None."""
+        import json
+
+        if not any(f.path == artifact_file for f in self.client.list_artifacts(self.run_id,
+                                                                                artifact_folder(artifact_file))):
+            return None
+        with environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            return json.loads(Path(self.client.download_artifacts(self.run_id, artifact_file, folder)).read_text())
+
     def _deliver_inputs(self, datasets: list[dict]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -171,6 +213,8 @@ class RunDelivery:
         if self.run_id is None:
             run = self.client.create_run(self._experiment_id(), run_name=self.run_name or None, tags=self._tags)
             self.run_id, already = run.info.run_id, {}
+            if self.name_prefix and not self.run_name:  # MLflow's unique name, saying what the run is
+                self.client.update_run(self.run_id, name=f"{self.name_prefix}-{run.info.run_name}")
         else:
             run = self.client.get_run(self.run_id)
             if run.info.status != "RUNNING":
@@ -185,11 +229,14 @@ class RunDelivery:
 
     def _experiment_id(self) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        root = artifact_root(self.tracking_uri)
-        location = f"{root}/{self.experiment_name}" if root else None
-        return self.client.create_experiment(self.experiment_name, artifact_location=location)
+        if experiment is None:
+            root = artifact_root(self.tracking_uri)
+            location = f"{root}/{self.experiment_name}" if root else None
+            return self.client.create_experiment(self.experiment_name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # one made before, or "Default": a kind set by hand stays
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return experiment.experiment_id
 
     def _log_params(self, params: dict) -> None:
         from mlflow.entities import Param

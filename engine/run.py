@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,12 @@ from ptengine.config import ConfigError
 
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
 from engine.distributed import broadcast_object, get_world_size, is_main_process
-from engine.evaluation import per_class_accuracy
-from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
+from engine.eval_report import log_per_class_accuracy
+from engine.figures import confusion_matrix_figure
 from engine.hooks import MetricWriter, TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
-from engine.tracking import redact_credentials
+from engine.tracking import ModelCard, redact_credentials
 
 logger = logging.getLogger("engine")
 
@@ -163,8 +163,10 @@ class FinalSteps:
     class_names: list[str]
     model: torch.nn.Module | None = None  # saved as model_final.pth and logged (default: the trainer's module)
     evaluate_test: Callable[[], dict] | None = None  # the test split's evaluation, where there is one
-    model_name: str = "model"  # the logged model's name: what it is
-    example_input: torch.Tensor | None = None  # a batch of two, for the logged model's signature
+    example_input: torch.Tensor | None = None  # a batch of two as the module takes it (for torch.export)
+    card: ModelCard | None = None  # how the logged model takes a user's images, and its description
+    # Metric-name prefix ("val_", "test_") -> its dataset ({"name", "digest"}), asked for when the model is logged.
+    metric_datasets: Callable[[], dict[str, dict]] = dict
     log_model: bool = True
     register_as: str = ""  # also a new version of this registered model (empty: not registered)
 
@@ -232,10 +234,12 @@ class TrainingRun:
                                "confusion_matrix.png")
         if final.evaluate_test is not None:
             self._evaluate_test()
-        if tracker is not None and final.log_model and final.example_input is not None:
-            if tracker.log_model(model, final.example_input, name=final.model_name,
-                                 step=trainer.iter, register_as=final.register_as):
-                logger.info(f"logged the model '{final.model_name}' to MLflow (mlflow.pytorch, pt2 format)")
+        if tracker is not None and final.log_model and final.card is not None:
+            card = replace(final.card, metric_datasets=final.metric_datasets())
+            info = tracker.log_model(model, final.example_input, card, step=trainer.iter,
+                                     register_as=final.register_as)
+            if info is not None:
+                logger.info(f"logged the model to MLflow: mlflow.pyfunc.load_model('runs:/{tracker.run_id}/model')")
 
     def _evaluate_test(self) -> None:
         results, step = self.final.evaluate_test(), self.trainer.iter
@@ -243,7 +247,8 @@ class TrainingRun:
         logger.info(f"test_loss {results['loss']:.4f}  test_acc1 {results['acc1']:.4f}")
         if self.tracker is not None:
             self.tracker.log_metrics([("test_loss", results["loss"], step), ("test_acc1", results["acc1"], step)])
-            make_eval_report(self.tracker, self.final.class_names, "test")(results, step)
+            log_per_class_accuracy(self.tracker, self.final.class_names, "test", results, step,
+                                   ["per_class_accuracy/test.png"])
             self.tracker.log_figure(confusion_matrix_figure(results["confusion"], self.final.class_names),
                                     "confusion_matrix_test.png")
 
@@ -305,24 +310,11 @@ def restore_trainer(trainer, path: Path, state: dict) -> None:
     logger.info(f"resumed from {path.name} at iteration {trainer.iter}")
 
 
-def make_eval_report(tracker, class_names, split: str):
-    """``report(results, step)``: per-class accuracy of one evaluation as a figure and a table in MLflow."""
-    def report(results: dict, step: int) -> None:
-        accuracies = per_class_accuracy(results["confusion"])
-        name = f"per_class_accuracy/{split}_step_{step:08d}"
-        title = f"{split} accuracy per class at step {step} (overall {results['acc1']:.3f})"
-        tracker.log_figure(per_class_accuracy_figure(accuracies, class_names, title), f"{name}.png")
-        counts = results["confusion"].sum(dim=1).tolist()
-        tracker.log_table({"class": list(class_names), "accuracy": accuracies, "images": counts}, f"{name}.json")
-
-    return report
-
-
 def record_evaluation(tracker, record: RunRecord, split: str, results: dict, class_names) -> None:
     """``--eval-only``: an MLflow run of its own with the loss, accuracy, per-class table and confusion matrix."""
     start_tracker(tracker, record)
     tracker.log_metrics([(f"{split}_loss", results["loss"], 0), (f"{split}_acc1", results["acc1"], 0)])
-    make_eval_report(tracker, class_names, split)(results, 0)
+    log_per_class_accuracy(tracker, class_names, split, results, 0, [f"per_class_accuracy/{split}.png"])
     tracker.log_figure(confusion_matrix_figure(results["confusion"], class_names), "confusion_matrix.png")
     end_tracker(tracker, "FINISHED")
 

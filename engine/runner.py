@@ -157,7 +157,8 @@ class Runner:
         try:
             # First, so that its delivery process imports MLflow while the run is being built (the store is
             # untouched until the run starts: a run refused before that leaves no trace in it).
-            built["tracker"] = tracker = builder.make_tracker(cfg, folder) if is_main_process() else None
+            kind = "rerun" if "rerun_of" in self.tags else ""  # the start of the run's name
+            built["tracker"] = tracker = builder.make_tracker(cfg, folder, kind) if is_main_process() else None
             resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
                 if resume else None
             folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
@@ -189,7 +190,7 @@ class Runner:
                                                            self.hooks, self.loss, ema, optimizer=self.optimizer)
         record = builder.build_run_record(cfg, device, num_gpus, data, tracker, self.tags)
         final = builder.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model,
-                                          device)
+                                          device, dataset_inputs=next(iter(record.background), None))
         return TrainingRun(trainer, checkpointer, tracker, record, final)
 
     def _result(self, folder: RunFolder, run: TrainingRun) -> RunResult:
@@ -253,7 +254,7 @@ class Runner:
                            f"({results['count']} images)")
             record = self.builder.build_run_record(cfg, device, num_gpus, data, None, {"mode": "eval-only"},
                                                    description)
-            record_evaluation(self.builder.make_tracker(cfg, folder), record, split, results, cfg.DATA.CLASSES)
+            record_evaluation(self.builder.make_tracker(cfg, folder, "eval"), record, split, results, cfg.DATA.CLASSES)
 
 
 def _api_resume_hint(output_dir: Path | None) -> str:

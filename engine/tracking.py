@@ -17,6 +17,8 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,13 +27,14 @@ from ptengine.config.defaults import REPO_ROOT
 
 from engine.checkpoint import atomic_write_bytes
 from engine.delivery_process import DeliveryProcess
-from engine.mlflow_delivery import artifact_root, environment, make_client, short, sqlite_path  # noqa: F401 (re-exported)
+from engine.mlflow_delivery import artifact_folder, artifact_root, environment, make_client, short, sqlite_path  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("engine")
 
 LOCAL_STORE = REPO_ROOT / "mlruns" / "mlflow.db"
 PENDING_FILE = "mlflow_pending.jsonl"
 START_TIMEOUT = 300.0  # seconds for the delivery process to start and answer (it imports MLflow first)
+MODEL_ARTIFACT = "model"  # runs:/<run id>/model
 # What a resumed run re-sends from the pending file (the status is its own, and a model link needs the model).
 RESENDABLE = ("metric", "artifact", "tags", "table", "inputs")
 KNOWN_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
@@ -51,6 +54,18 @@ def resolve_tracking_uri(configured: str = "") -> str:
 def redact_credentials(value):
     """``http://user:secret@host`` -> ``http://user:***@host``: passwords never reach MLflow or the log."""
     return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", value) if isinstance(value, str) else value
+
+
+@dataclass
+class ModelCard:
+    """What the logged model needs besides the module: how a picture becomes its input, and its page in MLflow."""
+
+    preprocessing: dict  # engine.image_classifier.PREPROCESSING_KEYS, plain values
+    example: bytes  # a PNG of one validation image: the model's input example
+    description: str = ""  # markdown; "<run id>" in it becomes the run's id
+    model_type: str = ""  # what it is, e.g. "simple_cnn-digits" (the artifact itself is always "model")
+    # Metric-name prefix -> the dataset those metrics were measured on ({"name": ..., "digest": ...}).
+    metric_datasets: dict[str, dict] = field(default_factory=dict)
 
 
 class TrackingError(ConfigError):
@@ -76,8 +91,9 @@ class MLflowTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str = "", pending_dir=None,
-                 on_run_id=None, end_wait: float = 60.0):
+                 on_run_id=None, end_wait: float = 60.0, name_prefix: str = ""):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
+        self.name_prefix = name_prefix  # without run_name: "<prefix>-<the name MLflow picks>" ("eval", "rerun")
         self.end_wait = end_wait  # the longest ``end`` waits for delivery (MLFLOW.END_WAIT)
         self.pending_dir = Path(pending_dir) if pending_dir else None
         self.on_run_id = on_run_id
@@ -115,7 +131,8 @@ class MLflowTracker:
         params, tags = {k: str(v) for k, v in params.items()}, {k: str(v) for k, v in (tags or {}).items()}
         self._header = {"params": params, "tags": tags}
         start = {"tracking_uri": self.tracking_uri, "experiment_name": self.experiment_name,
-                 "run_name": self.run_name, "params": params, "tags": tags, "run_id": run_id}
+                 "run_name": self.run_name, "params": params, "tags": tags, "run_id": run_id,
+                 "name_prefix": self.name_prefix}
         answer = self._process.ask(("start", start), ("started", "failed"), timeout=START_TIMEOUT)
         if answer is None:
             raise RuntimeError("the MLflow delivery process did not start (see the lines above)")
@@ -172,12 +189,12 @@ class MLflowTracker:
         folder of the run's artifacts (``per_class_accuracy/val.png``)."""
         path = self._artifact_path(artifact_file)
         figure.savefig(path)
-        self._queue_one(("artifact", str(path), _folder_of(artifact_file)))
+        self._queue_one(("artifact", str(path), artifact_folder(artifact_file)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         path = self._artifact_path(artifact_file)
         path.write_text(text)
-        self._queue_one(("artifact", str(path), _folder_of(artifact_file)))
+        self._queue_one(("artifact", str(path), artifact_folder(artifact_file)))
 
     def _artifact_path(self, name: str) -> Path:
         """Where a generated artifact waits for its upload: OUTPUT_DIR/mlflow_artifacts, so that it is still
@@ -189,32 +206,30 @@ class MLflowTracker:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def log_model(self, model, input_example, name: str = "model", step: int = 0, register_as: str = "",
-                  timeout: float = 120.0):
-        """``mlflow.pytorch.log_model`` of the plain module as ``name``, in torch.export's "pt2" format (loading
-        it back does not unpickle code); with ``register_as``, also a new version of that registered model.
-        MLflow attaches the run's metrics at ``step`` (the final evaluation's, when it is the last step) to it.
+    def log_model(self, model, input_example, card: "ModelCard", step: int = 0,
+                  register_as: str = "", timeout: float = 120.0):
+        """Log the trained classifier as the run's model ``model`` (``runs:/<run id>/model``), and return MLflow's
+        ``ModelInfo`` (``model_id``, ``model_uri``), or None: a failure is a warning, model_final.pth stays.
 
-        Runs at the end of training and returns MLflow's ``ModelInfo`` (``model_id``, ``model_uri``), or None:
-        a failure is a warning, model_final.pth stays."""
+        Its pyfunc (``engine.image_classifier``) takes images as a user has them, as ``card.preprocessing`` says,
+        and answers class names; the plain module, saved by ``mlflow.pytorch`` in torch.export's "pt2" format
+        (loading it back unpickles no code), is its artifact ``pytorch_model`` (``input_example``: a batch as the
+        module takes it). The model is linked to the run at ``step``, with the run's metrics of that step whose
+        names ``card.metric_datasets`` covers, each attached to its dataset; with ``register_as``, it is also
+        a new version of that registered model."""
         if not self.flush(timeout) or self.run_id is None:
             logger.warning("MLflow is unreachable: the model is not logged (model_final.pth is in OUTPUT_DIR)")
             return None
         import mlflow
-        import mlflow.pytorch
 
         model = cpu_copy(model).eval()  # the live model keeps its device and its training mode
         previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
         try:
-            # log_model only works through the fluent API, whose tracking URI is process-wide (and exported
-            # to the environment): set it for this call only.
-            with environment("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")):
+            # The fluent API's tracking URI is process-wide (and exported to the environment): set for this call.
+            with environment("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")), quiet_mlflow():
                 mlflow.set_tracking_uri(self.tracking_uri)
                 try:
-                    with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-                        info = mlflow.pytorch.log_model(model, name=name, input_example=input_example.numpy(),
-                                                        serialization_format="pt2", step=step,
-                                                        pip_requirements=[f"torch=={_torch_version()}"])
+                    info = self._log_classifier(model, input_example, card, step)
                     if register_as:
                         self._register(info, register_as)
                 finally:
@@ -223,11 +238,58 @@ class MLflowTracker:
                     logging.getLogger("mlflow.tracking.fluent").setLevel(logging.WARNING)  # no "cleared" line
                     mlflow.clear_active_model()
                     mlflow.set_tracking_uri(previous_uri)
-            make_client(self.tracking_uri).update_run(self.run_id, status="RUNNING")  # end() sets the final status
             return info
         except Exception as error:
             logger.warning(f"could not log the model to MLflow: {short(error)}")
             return None
+
+    def _log_classifier(self, model, input_example, card: "ModelCard", step: int):
+        import tempfile
+
+        import mlflow
+        import mlflow.pytorch
+        import pandas as pd
+
+        from engine import image_classifier
+
+        client = make_client(self.tracking_uri)
+        # Created first and logged with no active run: MLflow would otherwise link every metric of ``step`` to
+        # the model (train_loss, lr, epoch_time, ...); only the evaluation's are linked below, with their dataset.
+        run = client.get_run(self.run_id)
+        logged = mlflow.initialize_logged_model(
+            name=MODEL_ARTIFACT, source_run_id=self.run_id, experiment_id=run.info.experiment_id,
+            model_type=card.model_type, params=run.data.params,
+            tags={"mlflow.note.content": card.description.replace("<run id>", self.run_id)})
+        requirements = [f"torch=={_torch_version()}", f"pillow=={_pillow_version()}"]
+        with tempfile.TemporaryDirectory(prefix="model-") as folder:
+            network = Path(folder) / image_classifier.NETWORK_ARTIFACT
+            mlflow.pytorch.save_model(model, str(network), serialization_format="pt2",
+                                      input_example=input_example.numpy(), pip_requirements=requirements[:1])
+            example = pd.DataFrame({image_classifier.INPUT_COLUMN: [card.example]})  # served as dataframe_split
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT, python_model=image_classifier.__file__, model_id=logged.model_id,
+                artifacts={image_classifier.NETWORK_ARTIFACT: str(network)}, model_config=card.preprocessing,
+                signature=image_classifier.signature(), input_example=example, pip_requirements=requirements)
+        from mlflow.entities import LoggedModelOutput
+
+        client.log_outputs(self.run_id, models=[LoggedModelOutput(logged.model_id, step=step)])
+        client.log_batch(self.run_id, metrics=self._model_metrics(client, logged.model_id, step, card))
+        return info
+
+    def _model_metrics(self, client, model_id: str, step: int, card: "ModelCard") -> list:
+        """The run's metrics of ``step`` named in ``card.metric_datasets``, as the model's, with their dataset
+        (same value and timestamp: the run's own history gains no point)."""
+        from mlflow.entities import Metric
+
+        linked = []
+        for key in client.get_run(self.run_id).data.metrics:
+            dataset = next((d for prefix, d in card.metric_datasets.items() if key.startswith(prefix)), None)
+            if dataset is None:
+                continue
+            linked += [Metric(key, m.value, m.timestamp, m.step, dataset_name=dataset.get("name"),
+                              dataset_digest=dataset.get("digest"), run_id=self.run_id, model_id=model_id)
+                       for m in client.get_metric_history(self.run_id, key) if m.step == step]
+        return linked
 
     def _register(self, info, name: str) -> None:
         import mlflow
@@ -271,7 +333,7 @@ class MLflowTracker:
             return
         # Enough to create the run later (tools/upload_pending.py) if it never existed.
         header = {"tracking_uri": self.tracking_uri, "experiment": self.experiment_name, "run_id": self.run_id,
-                  "run_name": self.run_name, **self._header}
+                  "run_name": self.run_name, "name_prefix": self.name_prefix, **self._header}
         lines = [json.dumps(header)] + [json.dumps(item) for item in pending]
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         if not quiet:
@@ -296,14 +358,22 @@ class SystemMetricsInDelivery:
         self._process.ask(("stop_system_metrics",), ("system_metrics_stopped",), timeout)
 
 
+@contextmanager
+def quiet_mlflow():
+    """No MLflow progress bars or INFO lines ("Validating input example ...") on the run's terminal meanwhile."""
+    mlflow_logger = logging.getLogger("mlflow")
+    level = mlflow_logger.level
+    mlflow_logger.setLevel(logging.WARNING)
+    try:
+        with environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+            yield
+    finally:
+        mlflow_logger.setLevel(level)
+
+
 def read_pending_file(path: Path) -> tuple[dict, list]:
     lines = Path(path).read_text().splitlines()
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:] if line.strip()]
-
-
-def _folder_of(artifact_file: str) -> str | None:
-    folder = str(Path(artifact_file).parent)
-    return None if folder == "." else folder
 
 
 def _torch_version() -> str:
@@ -312,3 +382,7 @@ def _torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
+def _pillow_version() -> str:
+    import PIL
+
+    return PIL.__version__

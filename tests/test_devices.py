@@ -5,6 +5,7 @@ What only a GPU can show (NCCL, AMP, channels_last, a bit-identical resume on CU
 (tools/gpu_check.py), and that of the GPU tests at the end of test_distributed.py.
 """
 
+import io
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from torch import nn
 from engine.distributed import module_to_evaluate, select_device, wrap_model
 from engine.rng import capture_rng_state, restore_rng_state
 from engine.run import configure_reproducibility
-from engine.tracking import MLflowTracker
+from engine.tracking import MLflowTracker, ModelCard
 
 REPO = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -157,7 +158,9 @@ def test_logging_the_model_leaves_the_live_model_as_it_was(tmp_path, device):
         tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "models")
         tracker.start({})
         try:
-            model_uri = tracker.log_model(model, torch.zeros(2, 1, 2, 2))
+            card = ModelCard({"class_names": ["a", "b"], "channels": 1, "height": 2, "width": 2, "mean": [0.0],
+                              "std": [1.0]}, example=tiny_png())
+            model_uri = tracker.log_model(model, torch.zeros(2, 1, 2, 2), card)
         finally:
             tracker.end()
 
@@ -166,6 +169,14 @@ def test_logging_the_model_leaves_the_live_model_as_it_was(tmp_path, device):
     assert list(model.parameters()) == parameters and all(p.device.type == device for p in parameters)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
     assert mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def tiny_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # ---- make gpu-check ----------------------------------------------------------------------------------------

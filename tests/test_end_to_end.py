@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from PIL import Image
 from ptengine.config import flatten_config, load_config
 from ptengine.datasets import build_datasets
 from ptengine.datasets.batches import build_batches
@@ -168,7 +169,7 @@ def test_a_digest_changes_when_a_single_pixel_changes():
     assert split_digest(split) != before
 
 
-def test_the_logged_model_is_named_for_what_it_is_and_carries_the_final_metrics(digits):
+def test_the_logged_model_carries_the_final_evaluation_on_its_dataset_and_a_description(digits):
     run = digits["run"]
     mlflow.set_tracking_uri(digits["tracking_uri"])
     try:
@@ -177,29 +178,86 @@ def test_the_logged_model_is_named_for_what_it_is_and_carries_the_final_metrics(
     finally:
         mlflow.set_tracking_uri(None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    assert model.name == "simple_cnn-digits"
+    assert model.name == "model" and model.model_type == "simple_cnn-digits"  # runs:/<id>/model; what it is
+    assert "simple_cnn trained on digits" in model.tags["mlflow.note.content"]
+    assert f"runs:/{run.info.run_id}/model" in model.tags["mlflow.note.content"]  # how to load it, ready to paste
     on_model = {metric.key: metric for metric in model.metrics}
-    # The metrics of the final step, evaluation included; not the system metrics (a step counter of their own).
-    assert {"val_loss", "val_acc1", "train_loss"} <= set(on_model)
-    assert not [key for key in on_model if key.startswith("system/")]
+    # The final evaluation's metrics, measured on the validation dataset the run logged as its input; not the
+    # per-step training values, nor the system metrics (a step counter of their own).
+    assert set(on_model) == {"val_loss", "val_acc1"}
+    [validation] = [d.dataset for d in run.inputs.dataset_inputs
+                    if {t.key: t.value for t in d.tags}["mlflow.data.context"] == "validation"]
+    assert {(m.dataset_name, m.dataset_digest) for m in on_model.values()} == {(validation.name, validation.digest)}
     assert on_model["val_acc1"].value == run.data.metrics["val_acc1"]
     assert on_model["val_loss"].value == run.data.metrics["val_loss"]
     steps = [m.step for m in digits["client"].get_metric_history(run.info.run_id, "val_acc1")]
     assert len(steps) == len(set(steps))  # linking the model logged no second point
     assert on_model["val_acc1"].step == steps[-1]
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, digits["max_iter"])]
 
 
-def test_per_class_accuracy_is_one_figure_and_one_table_per_evaluation(digits, tmp_path):
+def test_per_class_accuracy_is_one_table_over_all_evaluations_and_two_figures(digits, tmp_path):
     client, run = digits["client"], digits["run"]
     eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc1")]
     files = {a.path for a in client.list_artifacts(run.info.run_id, "per_class_accuracy")}
-    expected = {f"per_class_accuracy/val_step_{step:08d}.{ext}" for step in eval_steps for ext in ("png", "json")}
-    assert files == expected
-    last_table = f"per_class_accuracy/val_step_{eval_steps[-1]:08d}.json"
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, last_table, str(tmp_path))).read_text())
-    assert table["columns"] == ["class", "accuracy", "images"] and len(table["data"]) == 10
+    assert files == {"per_class_accuracy/val.json", "per_class_accuracy/val_latest.png",
+                     "per_class_accuracy/val_best.png"}
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_class_accuracy/val.json",
+                                                      str(tmp_path))).read_text())
+    assert table["columns"] == ["step", "class", "accuracy", "images"]
+    assert [row[0] for row in table["data"]] == [step for step in eval_steps for _ in range(10)]
+    assert [row[1] for row in table["data"][-10:]] == [str(digit) for digit in range(10)]
     # One chart per metric worth a curve: no per-class dots, no constant validation count.
     assert not [key for key in run.data.metrics if re.fullmatch(r"val_acc1_.+|val_count", key)]
+
+
+def readme_snippet(name: str) -> str:
+    """The first code block after ``<!-- snippet: name`` in the README."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    after = text[text.index(f"<!-- snippet: {name}"):]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_snippet_names_the_digit_of_a_png_with_the_logged_model(digits, tmp_path):
+    cfg = digits["cfg"]
+    trained = build_model(cfg)
+    trained.load_state_dict(load_file(digits["output_dir"] / "model_final.pth"))
+    images = build_datasets(cfg).val
+    inputs = build_data_for_eval(cfg, images.images)
+    with torch.no_grad():
+        confidence = torch.softmax(trained.eval()(inputs), dim=1)[:, 7].masked_fill(images.labels != 7, -1)
+    seven = images.images[confidence.argmax(), 0].numpy()  # a clear 7 of the validation split
+    # As a user has it: an RGB PNG of another size than the 32x32 the model was trained on.
+    Image.fromarray(seven).convert("RGB").resize((80, 80), Image.Resampling.BILINEAR).save(tmp_path / "digit.png")
+    code = readme_snippet("use-the-model").replace("<RUN_ID>", digits["run_id"]).replace(
+        "sqlite:///mlruns/mlflow.db", digits["tracking_uri"])
+    namespace: dict = {}
+    previous = Path.cwd()
+    os.chdir(tmp_path)  # the snippet opens "digit.png"
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(previous)
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    prediction = namespace["prediction"]
+    assert list(prediction["class"]) == ["7"]
+    probabilities = prediction["probabilities"][0]
+    assert list(probabilities) == cfg.DATA.CLASSES and sum(probabilities.values()) == pytest.approx(1.0)
+    assert prediction["probability"][0] == max(probabilities.values())
+    assert isinstance(namespace["module"], torch.nn.Module)
+
+
+def build_data_for_eval(cfg, images: torch.Tensor) -> torch.Tensor:
+    """``images`` (uint8) as the validation batches give them to the model."""
+    splits = build_datasets(cfg)
+    transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=False)
+    return transform(images, torch.arange(len(images)), 0)
+
+
+def test_the_experiment_opens_on_its_training_runs_in_the_mlflow_ui(digits):
+    experiment = digits["client"].get_experiment(digits["run"].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_diverging_loss_fails_the_run_at_its_first_bad_iteration(capfd, run_dir, small_run_opts):

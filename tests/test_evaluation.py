@@ -68,13 +68,13 @@ def eval_only(trained, weights, *opts: str, name: str = "eval") -> tuple[int, Pa
 
 
 def per_class(client, run, split: str, step: int, folder: Path) -> dict[str, tuple[float, int]]:
-    """The per-class table of one evaluation: class name -> (accuracy, number of images)."""
+    """The rows of one evaluation in the split's per-class table: class name -> (accuracy, number of images)."""
     import json
 
-    table = f"per_class_accuracy/{split}_step_{step:08d}.json"
+    table = f"per_class_accuracy/{split}.json"
     data = json.loads(download(client, run, table, folder / run.info.run_id).read_text())
-    assert data["columns"] == ["class", "accuracy", "images"]
-    return {name: (accuracy, images) for name, accuracy, images in data["data"]}
+    assert data["columns"] == ["step", "class", "accuracy", "images"]
+    return {name: (accuracy, images) for at, name, accuracy, images in data["data"] if at == step}
 
 
 def download(client, run, artifact: str, folder: Path) -> Path:
@@ -122,6 +122,7 @@ def test_eval_only_of_model_final_gives_the_final_validation_accuracy_of_trainin
     training = trained["run"]
     assert evaluation.info.status == "FINISHED"
     assert evaluation.data.tags["mode"] == "eval-only"
+    assert evaluation.info.run_name.startswith("eval-") and not training.info.run_name.startswith("eval-")
     assert evaluation.data.metrics["val_acc1"] == training.data.metrics["val_acc1"]
     assert evaluation.data.metrics["val_loss"] == pytest.approx(training.data.metrics["val_loss"], rel=1e-9)
     assert per_class(trained["client"], evaluation, "val", 0, tmp_path) == \

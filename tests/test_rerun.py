@@ -59,6 +59,8 @@ def test_the_rerun_is_a_new_finished_run_tagged_with_its_source(original_and_rer
     assert rerun.info.status == "FINISHED"
     assert rerun.data.tags["rerun_of"] == original.info.run_id
     assert "rerun_of" not in original.data.tags
+    # Unique names (MLflow's) that say what the run is.
+    assert rerun.info.run_name.startswith("rerun-") and not original.info.run_name.startswith("rerun-")
     assert rerun.info.experiment_id == original.info.experiment_id  # the config names the experiment
 
 

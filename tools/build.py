@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from ptengine.config import ConfigError, flatten_config
-from ptengine.datasets import DatasetSplits, build_datasets
+from ptengine.datasets import DatasetSplits, TensorSplit, build_datasets
 from ptengine.datasets.batches import build_batches
 from ptengine.datasets.mixing import build_mixing
 from ptengine.datasets.transforms import build_transform
@@ -31,10 +31,11 @@ from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
 from engine.ema import EMAHook, ModelEMA
+from engine.eval_report import PerClassAccuracyReport
 from engine.evaluation import evaluate
 from engine.precision import AMP_DTYPES
-from engine.run import FinalSteps, RunRecord, make_eval_report
-from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
+from engine.run import FinalSteps, RunRecord
+from engine.tracking import MLflowTracker, ModelCard, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
 
 logger = logging.getLogger("engine")
@@ -203,12 +204,12 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
     """
     optimizer = _optimizer_for(cfg, model, optimizer)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
-    report = make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker is not None else None
     hooks = [
         *([EMAHook(ema)] if ema is not None else []),  # first: every other hook sees the average of this step
         engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
         engine_hooks.EpochTimer(len(data.splits.train)),
-        engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD, report=report),
+        engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD),
+        *([PerClassAccuracyReport(tracker, cfg.DATA.CLASSES)] if tracker is not None else []),
         engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD),
         *extra_hooks,
     ]
@@ -234,11 +235,12 @@ def _optimizer_for(cfg, model, given):
                       f"{type(given).__name__}")
 
 
-def make_tracker(cfg, folder) -> MLflowTracker:
-    """The MLflow tracker of a run whose files are in ``folder`` (a RunFolder): it learns the run id there."""
+def make_tracker(cfg, folder, kind: str = "") -> MLflowTracker:
+    """The MLflow tracker of a run whose files are in ``folder`` (a RunFolder): it learns the run id there.
+    ``kind`` ("eval", "rerun") starts the name MLflow gives the run when MLFLOW.RUN_NAME is empty."""
     return MLflowTracker(resolve_tracking_uri(cfg.MLFLOW.TRACKING_URI), cfg.MLFLOW.EXPERIMENT_NAME,
                          cfg.MLFLOW.RUN_NAME, pending_dir=folder.path, on_run_id=folder.remember_run_id,
-                         end_wait=cfg.MLFLOW.END_WAIT)
+                         end_wait=cfg.MLFLOW.END_WAIT, name_prefix=kind)
 
 
 def build_run_record(cfg, device, num_gpus: int, data: Data, tracker, extra_tags: dict,
@@ -276,15 +278,72 @@ def evaluate_weights(cfg, device, num_gpus: int, model=None, train_data=None, va
                           AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
 
 
-def build_final_steps(cfg, data: Data, final_model, device) -> FinalSteps:
+def build_final_steps(cfg, data: Data, final_model, device, dataset_inputs: DatasetInputs | None = None) -> FinalSteps:
     """``final_model``: the weights of model_final.pth, the test split and the logged model (the EMA's with
-    TRAIN.EMA_DECAY, else the trained ones)."""
+    TRAIN.EMA_DECAY, else the trained ones). ``dataset_inputs``: the run's, whose validation and test datasets
+    the logged model's metrics are attached to."""
     num_classes, amp_dtype = len(cfg.DATA.CLASSES), AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]
     evaluate_test = None
     if data.test is not None:
         def evaluate_test():
             return evaluate(final_model, data.test, num_classes, device, cfg.TRAIN.AMP, amp_dtype)
-    example = next(iter(data.val.epoch(0))).images[:2].float().cpu() if cfg.MLFLOW.LOG_MODEL else None
-    return FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test, model=final_model,
-                      model_name=f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}", example_input=example,
-                      log_model=cfg.MLFLOW.LOG_MODEL, register_as=cfg.MLFLOW.REGISTER_MODEL)
+    final = FinalSteps(class_names=list(cfg.DATA.CLASSES), evaluate_test=evaluate_test, model=final_model,
+                       log_model=cfg.MLFLOW.LOG_MODEL, register_as=cfg.MLFLOW.REGISTER_MODEL)
+    if cfg.MLFLOW.LOG_MODEL:
+        final.example_input = next(iter(data.val.epoch(0))).images[:2].float().cpu().contiguous()
+        final.card = model_card(cfg, data, final.example_input.shape)
+        if dataset_inputs is not None:
+            final.metric_datasets = dataset_inputs.metric_datasets
+    return final
+
+
+def model_card(cfg, data: Data, input_shape) -> ModelCard | None:
+    """How the logged model turns a user's image into what the network saw in evaluation, and its description."""
+    channels, height, width = input_shape[1:]
+    if channels not in (1, 3):
+        logger.warning(f"the model is not logged: it takes {channels}-channel images and MLflow's image model "
+                       "here takes grey (DATA.INPUT_DIM 1) or RGB (3) ones")
+        return None
+    mean, std = evaluation_normalization(cfg, data.splits, channels)
+    preprocessing = {"class_names": list(cfg.DATA.CLASSES), "channels": channels, "height": height, "width": width,
+                     "mean": mean, "std": std}
+    colour = "grey" if channels == 1 else "RGB"
+    description = (f"{cfg.TRAIN.MODEL_TYPE} trained on {cfg.DATA.DATASET_TYPE}: {len(cfg.DATA.CLASSES)} classes "
+                   f"({', '.join(cfg.DATA.CLASSES[:10])}{', ...' if len(cfg.DATA.CLASSES) > 10 else ''}).\n\n"
+                   f"mlflow.pyfunc.load_model('runs:/<run id>/model').predict({{'image': [...]}}) takes PNG/JPEG "
+                   f"bytes or uint8 HxWxC arrays of any size ({colour}, resized to {height}x{width}, normalized "
+                   f"with mean {[round(m, 4) for m in mean]} and std {[round(s, 4) for s in std]}) and returns "
+                   "the class, its probability and every class's probability. The nn.Module: "
+                   "mlflow.pytorch.load_model('runs:/<run id>/model/artifacts/pytorch_model').\n\n"
+                   f"Files: {cfg.OUTPUT_DIR}")
+    return ModelCard(preprocessing=preprocessing, example=example_png(data.splits.val), description=description,
+                     model_type=f"{cfg.TRAIN.MODEL_TYPE}-{cfg.DATA.DATASET_TYPE}")
+
+
+def evaluation_normalization(cfg, splits, channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, in [0, 1] units, of what the evaluation transforms do to a uint8 pixel ``p``:
+    ``(p / 255 - mean) / std``. Measured on the transforms themselves, so that a list without ``normalize``
+    (or ``to_tensor``) is described as it is."""
+    transform = build_transform(cfg.DATA.TRANSFORM_LIST, splits.mean, splits.std, cfg.SEED, train=False)
+    probe = torch.tensor([0, 255, 128], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, channels, 1, 1)
+    black, white, grey = transform(probe.contiguous(), torch.arange(3), 0).double()[:, :, 0, 0]
+    std = 1 / (white - black)
+    mean = -black * std
+    if not torch.allclose(grey, (128 / 255 - mean) / std, atol=1e-4):
+        raise ConfigError(f"the evaluation transforms of DATA.TRANSFORM_LIST {list(cfg.DATA.TRANSFORM_LIST)} are "
+                          "not a per-channel scale and shift, which the logged model's image input assumes; "
+                          "set MLFLOW.LOG_MODEL False")
+    return mean.tolist(), std.tolist()
+
+
+def example_png(split) -> bytes:
+    """The split's first image as PNG file bytes."""
+    import io
+
+    from PIL import Image
+
+    image = split.images[0] if isinstance(split, TensorSplit) else split[0][0]
+    pixels = image.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

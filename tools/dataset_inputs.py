@@ -31,6 +31,12 @@ class DatasetInputs(threading.Thread):
                           if getattr(self.splits, name) is not None]
         self.tracker.log_inputs(self.described)
 
+    def metric_datasets(self) -> dict[str, dict]:
+        """Metric-name prefix (``val_``, ``test_``) -> the dataset those metrics are measured on, once described."""
+        self.join()
+        prefixes = {"validation": "val_", "test": "test_"}
+        return {prefixes[d["context"]]: d for d in self.described if d["context"] in prefixes}
+
 
 def describe_split(cfg, splits, name: str) -> dict:
     split = getattr(splits, name)

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     header, items = read_pending_file(pending_path)
     run_id = header.get("run_id") or _read(args.output_dir / "mlflow_run_id")
     tracker = MLflowTracker(args.tracking_uri or header["tracking_uri"], header["experiment"],
-                            header.get("run_name", ""), pending_dir=args.output_dir, end_wait=args.timeout)
+                            header.get("run_name", ""), pending_dir=args.output_dir, end_wait=args.timeout,
+                            name_prefix=header.get("name_prefix", ""))
     # Re-queues the pending file's metrics, artifacts and tags; params and tags apply when the run is new.
     tracker.start(header.get("params", {}), tags=header.get("tags", {}), run_id=run_id)
     if tracker.run_id is None:
