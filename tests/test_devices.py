@@ -6,9 +6,7 @@ What only a GPU can show (NCCL, AMP, channels_last, a bit-identical resume on CU
 """
 
 import io
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -180,17 +178,7 @@ def tiny_png() -> bytes:
 
 
 # ---- make gpu-check ----------------------------------------------------------------------------------------
-def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py")], env=env, capture_output=True,
-                          text=True, timeout=120)
-
-    assert done.returncode == 2
-    assert done.stdout == ""
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device"), done.stderr
-
-
+# (without CUDA: tests/test_gpu_check.py)
 def test_make_gpu_check_runs_the_check():
     done = subprocess.run(["make", "-n", "gpu-check"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
