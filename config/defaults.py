@@ -98,8 +98,8 @@ _C.MLFLOW.RUN_NAME = ""  # empty = MLflow picks a name
 # Log the trained model with mlflow.pytorch.log_model at the end (torch.export "pt2" format: loading it
 # back does not unpickle code).
 _C.MLFLOW.LOG_MODEL = True
-# Register the logged model as a new version of this registered model (empty = off). MLflow reserves the
-# alias "latest"; models:/<name>/latest already resolves to the newest version.
+# Register the logged model as a new version of this registered model (empty = off; needs LOG_MODEL True).
+# MLflow reserves the alias "latest"; models:/<name>/latest already resolves to the newest version.
 _C.MLFLOW.REGISTER_MODEL = ""
 # CPU, memory, disk and network (GPU utilisation, memory and power on NVIDIA GPUs) as system/... metrics,
 # sampled every 10 s by MLflow's monitor on a background thread, plus a last sample at the end.

@@ -117,6 +117,9 @@ def validate_config(cfg: CfgNode) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {_lookup(cfg, key)!r}")
+    if cfg.MLFLOW.REGISTER_MODEL and not cfg.MLFLOW.LOG_MODEL:  # it would train to the end and register nothing
+        raise ConfigError(f"MLFLOW.REGISTER_MODEL {cfg.MLFLOW.REGISTER_MODEL!r} registers the logged model, but "
+                          "MLFLOW.LOG_MODEL is False; set MLFLOW.LOG_MODEL True, or leave MLFLOW.REGISTER_MODEL empty")
 
 
 def with_output_dir(cfg: CfgNode, output_dir) -> CfgNode:
