@@ -1,5 +1,7 @@
 """``--rerun RUN_ID``: the config a logged MLflow run was trained with, to train it again."""
 
+import contextlib
+import os
 import tempfile
 
 from config import ConfigError, load_config
@@ -14,7 +16,8 @@ def rerun_config(run_id: str, opts: list[str]):
     with tempfile.TemporaryDirectory(prefix="rerun-") as folder:
         try:
             client.get_run(run_id)
-            config_file = client.download_artifacts(run_id, "config.yaml", folder)
+            with _no_download_bar():
+                config_file = client.download_artifacts(run_id, "config.yaml", folder)
         except Exception as error:
             raise ConfigError(f"cannot fetch config.yaml of MLflow run {run_id}: {str(error).splitlines()[0]}; "
                               "check the run id and MLFLOW.TRACKING_URI / MLFLOW_TRACKING_URI") from None
@@ -28,3 +31,21 @@ def rerun_config(run_id: str, opts: list[str]):
     validate_config(cfg)
     cfg.freeze()
     return cfg, {"rerun_of": run_id}
+
+
+@contextlib.contextmanager
+def _no_download_bar():
+    """Without MLflow's "Downloading artifacts" bar for one small file: the first thing a rerun printed.
+
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is MLflow's public switch (mlflow.environment_variables); it is put back
+    as it was, so the user's own setting holds for the rest of the run."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
