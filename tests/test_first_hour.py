@@ -27,8 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- the terminal ------------------------------------------------------------------------------------------------
-def screen_lines(raw: str, width: int) -> list[str]:
-    """Every line the terminal showed, after carriage returns, overwrites, wraps and cursor-up moves."""
+def screen_lines(raw: str, width: int, keep_trailing_spaces: bool = False) -> list[str]:
+    """Every line the terminal showed, after carriage returns, overwrites, wraps and cursor-up moves (with the
+    spaces written at their ends, which a copy from the terminal takes along, if ``keep_trailing_spaces``)."""
     rows, row, column, position = [[]], 0, 0, 0
     while position < len(raw):
         escape = re.match(r"\x1b\[(\d*)([A-Za-z])", raw[position:])
@@ -54,7 +55,7 @@ def screen_lines(raw: str, width: int) -> list[str]:
         line.extend(" " * (column + 1 - len(line)))
         line[column] = char
         column += 1
-    return ["".join(line).rstrip() for line in rows]
+    return ["".join(line) if keep_trailing_spaces else "".join(line).rstrip() for line in rows]
 
 
 def run_in_terminal(args: list[str], cwd: Path, columns: int = 120, lines: int = 32) -> tuple[int, str]:

@@ -23,6 +23,7 @@ from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
 from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
+from engine.pace import RunPace
 from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord, make_eval_report
 from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
@@ -167,19 +168,20 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
     optimizer = build_optimizer(cfg, model)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
     report = make_eval_report(tracker, cfg.DATA.CLASSES, "val") if tracker is not None else None
+    pace = RunPace()  # one ETA: measured by the epoch timer, shown by the console lines and the bar
     hooks = [
         *([EMAHook(ema)] if ema is not None else []),  # first: every other hook sees the average of this step
         engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
-        engine_hooks.EpochTimer(len(data.splits.train)),
+        engine_hooks.EpochTimer(len(data.splits.train), pace),
         engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD, report=report),
-        engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD),
+        engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD, pace),
         *extra_hooks,
     ]
     if checkpointer is not None:
         hooks += [engine_hooks.BestCheckpointer(checkpointer, model=ema.module if ema is not None else None),
                   engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD,
                                                     before_write=tracker.save_pending if tracker else None)]
-    hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0))
+    hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0, pace=pace))
     return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks,
                    loss=loss or build_loss(cfg), amp=cfg.TRAIN.AMP, amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
                    accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,
