@@ -31,9 +31,21 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
         merge_yaml_file(cfg, config_file)
     if opts:
         merge_opts(cfg, opts)
+    fill_derived_defaults(cfg)
     validate_config(cfg)
     cfg.freeze()
     return cfg
+
+
+def fill_derived_defaults(cfg: CfgNode) -> None:
+    """Fill the keys left empty whose value follows from others, so that config.yaml and the params say what was
+    used: DATA.CLASSES (the dataset's own class names) and MLFLOW.EXPERIMENT_NAME (named after the data)."""
+    from datasets import data_name, default_class_names  # here: the datasets package imports config
+
+    if not cfg.DATA.CLASSES:
+        cfg.DATA.CLASSES = default_class_names(cfg)
+    if not cfg.MLFLOW.EXPERIMENT_NAME:
+        cfg.MLFLOW.EXPERIMENT_NAME = data_name(cfg)
 
 
 def setup_config(args) -> CfgNode:

@@ -119,7 +119,7 @@ def test_two_runs_get_different_names_and_the_same_weights(run_dir, small_run_op
                  "MLFLOW.LOG_MODEL", "True", "MLFLOW.REGISTER_MODEL", "noise-cnn"]) == 0
 
     client = mlflow.MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id], order_by=["start_time"])
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id], order_by=["start_time"])
     assert len(runs) == 2 and runs[0].info.run_name != runs[1].info.run_name
     first, second = (torch.load(folder / "model_final.pth", weights_only=True) for folder in outputs)
     assert all(torch.equal(first[key], second[key]) for key in first)
@@ -191,6 +191,6 @@ def test_a_fresh_run_never_reattaches_the_mlflow_run_named_in_its_folder(run_dir
     assert main([*small_run_opts, "OUTPUT_DIR", str(second)]) == 0  # no --resume: a new run
 
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     assert len(runs) == 2
     assert (second / "mlflow_run_id").read_text() != (first / "mlflow_run_id").read_text()

@@ -5,13 +5,20 @@ Each test names the point of the issue it checks; trainings are small and in-pro
 
 import datetime
 import io
+import json
 import logging
 import re
+import shlex
+import subprocess
+from pathlib import Path
 
+import mlflow
 import pytest
 import torch
-from fault_utils import DIGITS_CONFIG
+from fault_utils import DIGITS_CONFIG, PYTHON, process_env
+from PIL import Image
 
+from config import load_config
 from datasets.base import TensorSplit
 from datasets.batches import InMemoryBatches
 from datasets.transforms import BatchTransform, ToTensor
@@ -19,6 +26,8 @@ from engine import EpochTimer, HookBase, MetricWriter, ProgressBar, Trainer
 from engine.pace import RunPace
 from tests.test_first_hour import screen_lines
 from tools.train_net import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- MLFLOW.REGISTER_MODEL needs MLFLOW.LOG_MODEL -----------------------------------------------------------------
@@ -151,3 +160,48 @@ def test_after_a_resume_only_this_process_steps_make_the_pace():
         pace.step_finished(iteration)
     assert pace.step_seconds() == 0.5
     assert pace.seconds_left(steps_left=40, epoch_ends_left=0) == 20.0
+
+
+# ---- training on your own images (the README's section) -----------------------------------------------------------
+def readme_image_folder_command() -> list[str]:
+    """The command of the README's "Training on your own images" section, as a user copies it."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Training on your own images\n", 1)[1].split("\n## ", 1)[0]
+    [command] = [line for block in re.findall(r"```\n(.*?)```", section, flags=re.S)
+                 for line in block.splitlines() if line.startswith("python tools/train_net.py")]
+    return shlex.split(command)
+
+
+def test_the_readme_image_folder_command_trains_on_a_folder_without_val(tmp_path):
+    root = tmp_path / "my_images"
+    for name, colour in (("cat", (220, 40, 40)), ("dog", (40, 40, 220))):
+        (root / "train" / name).mkdir(parents=True)
+        for index in range(10):
+            Image.new("RGB", (20 + index, 16), colour).save(root / "train" / name / f"{index:04d}.png")
+    command = readme_image_folder_command()
+    assert command[command.index("DATA.ROOT") + 1] == "/path/to/my_images"  # the placeholder the user replaces
+    command[command.index("DATA.ROOT") + 1] = str(root)
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    # Only where it writes (never into the repository) and how long it trains are the test's own.
+    extra = ["OUTPUT_DIR", str(tmp_path / "output"), "MLFLOW.TRACKING_URI", store, "TRAIN.MAX_EPOCHS", "2",
+             "MLFLOW.LOG_MODEL", "False", "MLFLOW.SYSTEM_METRICS", "False"]
+    done = subprocess.run([PYTHON, *command[1:], *extra], cwd=REPO_ROOT, env=process_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name("my_images")  # named after the folder, not the config file
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["DATA.CLASSES"] == "['cat', 'dog']"  # the sorted class folders
+    assert "val_acc1" in run.data.metrics
+    rows = {json.loads(item.dataset.profile)["num_rows"] for item in run.inputs.dataset_inputs
+            if {tag.key: tag.value for tag in item.tags}.get("mlflow.data.context") == "validation"}
+    assert rows == {4}  # DATA.VALIDATION_SIZE 0.2 of the 20 training files
+
+
+def test_experiment_names_follow_the_data_unless_one_is_given():
+    assert load_config(str(DIGITS_CONFIG)).MLFLOW.EXPERIMENT_NAME == "digits"
+    assert load_config(str(REPO_ROOT / "config" / "simple_cnn.yaml")).MLFLOW.EXPERIMENT_NAME == "cifar10"
+    assert load_config(None, ["DATA.DATASET_TYPE", "cifer10"]).MLFLOW.EXPERIMENT_NAME == "cifar10"  # the alias
+    assert load_config(str(DIGITS_CONFIG), ["MLFLOW.EXPERIMENT_NAME", "mine"]).MLFLOW.EXPERIMENT_NAME == "mine"

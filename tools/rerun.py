@@ -5,7 +5,7 @@ import os
 import tempfile
 
 from config import ConfigError, load_config
-from config.setup import merge_opts, validate_config
+from config.setup import fill_derived_defaults, merge_opts, validate_config
 from engine.tracking import make_client, resolve_tracking_uri
 
 
@@ -28,6 +28,7 @@ def rerun_config(run_id: str, opts: list[str]):
     cfg = source.clone()
     cfg.defrost()
     merge_opts(cfg, opts)
+    fill_derived_defaults(cfg)  # a key the command line empties gets its default, as in a new run
     validate_config(cfg)
     cfg.freeze()
     return cfg, {"rerun_of": run_id}
