@@ -64,8 +64,10 @@ class RunPace:
         if steps_left <= 0 and epoch_ends_left <= 0:
             return 0.0
         step = self.step_seconds()
-        if step is None:
+        if step is None and not self._changes:
             return None
+        # Measured epoch changes but no steady step: epochs of one step, whose whole time each change holds.
+        step = step if step is not None else 0.0
         change = self._change_seconds / self._changes if self._changes else 0.0
         return max(steps_left, 0) * step + max(epoch_ends_left, 0) * change
 

@@ -162,6 +162,17 @@ def test_after_a_resume_only_this_process_steps_make_the_pace():
     assert pace.seconds_left(steps_left=40, epoch_ends_left=0) == 20.0
 
 
+def test_epochs_of_one_step_still_get_an_eta_from_their_epoch_ends():
+    clock = FakeClock()
+    pace = RunPace(clock=clock, warmup_steps=1)
+    for iteration in range(1, 5):  # one step an epoch (a split smaller than a batch): 2 s each, with its evaluation
+        clock.now += 2.0
+        pace.step_finished(iteration)
+        pace.epoch_finished()
+    assert pace.step_seconds() is None
+    assert pace.seconds_left(steps_left=6, epoch_ends_left=6) == 12.0
+
+
 # ---- training on your own images (the README's section) -----------------------------------------------------------
 def readme_image_folder_command() -> list[str]:
     """The command of the README's "Training on your own images" section, as a user copies it."""
