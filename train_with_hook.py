@@ -2,8 +2,9 @@
 
 import sys
 
+from ptengine.tools.train_net import main
+
 from engine import HookBase
-from tools.train_net import main
 
 
 class PrintEveryEpoch(HookBase):

@@ -10,9 +10,8 @@ import re
 from pathlib import Path
 
 import yaml
+from ptengine.config.defaults import get_default_config
 from yacs.config import CfgNode
-
-from config.defaults import get_default_config
 
 # What YAML 1.1 (yaml.safe_load) reads as a bool, so the command line takes what a config file takes.
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
@@ -40,7 +39,7 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
 def fill_derived_defaults(cfg: CfgNode) -> None:
     """Fill the keys left empty whose value follows from others, so that config.yaml and the params say what was
     used: DATA.CLASSES (the dataset's own class names) and MLFLOW.EXPERIMENT_NAME (named after the data)."""
-    from datasets import data_name, default_class_names  # here: the datasets package imports config
+    from ptengine.datasets import data_name, default_class_names  # here: the datasets package imports config
 
     if not cfg.DATA.CLASSES:
         cfg.DATA.CLASSES = default_class_names(cfg)

@@ -6,14 +6,14 @@ This package shares its name with the Hugging Face ``datasets`` library; see ``t
 
 from pathlib import Path
 
-from config.defaults import CIFAR10_CLASSES
-from config.registry import Registry
-from config.setup import ConfigError
-from datasets.base import DatasetError, DatasetSplits, TensorSplit
-from datasets.cifar10 import build_cifar10
-from datasets.digits import build_digits
-from datasets.image_folder import build_image_folder, folder_class_names
-from datasets.synthetic import build_synthetic
+from ptengine.config.defaults import CIFAR10_CLASSES
+from ptengine.config.registry import Registry
+from ptengine.config.setup import ConfigError
+from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit
+from ptengine.datasets.cifar10 import build_cifar10
+from ptengine.datasets.digits import build_digits
+from ptengine.datasets.image_folder import build_image_folder, folder_class_names
+from ptengine.datasets.synthetic import build_synthetic
 
 DATASET_REGISTRY = Registry("DATA.DATASET_TYPE", {
     "cifar10": build_cifar10,

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.transforms import BatchTransform
 from torch.utils.data import DataLoader, Dataset
-
-from datasets.base import TensorSplit
-from datasets.transforms import BatchTransform
 
 
 @dataclass

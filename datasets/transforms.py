@@ -8,8 +8,7 @@ so the same sample gets the same crop and flip in a resumed run and in any numbe
 import itertools
 
 import torch
-
-from config.registry import Registry
+from ptengine.config.registry import Registry
 
 PAD = 4  # random_crop padding, as in the usual CIFAR recipe
 

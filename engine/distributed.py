@@ -8,9 +8,9 @@ import threading
 from contextlib import contextmanager
 
 import torch
+from ptengine.config import ConfigError
 from torch import nn
 
-from config import ConfigError
 from engine.compile import uncompiled
 
 logger = logging.getLogger("engine")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ptengine.config import ConfigError
 
-from config import ConfigError
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
 from engine.distributed import broadcast_object, is_main_process
 from engine.evaluation import per_class_accuracy

@@ -1,8 +1,7 @@
 """Optimizers by name. Each takes the model's parameters and the TRAIN section of the config."""
 
 import torch
-
-from config.registry import Registry
+from ptengine.config.registry import Registry
 
 
 def sgd(params, train_cfg):

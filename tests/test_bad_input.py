@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import ptengine.datasets.cifar10 as cifar10
 import pytest
 import torch
 from conftest import isolated_training
@@ -24,11 +25,9 @@ from fault_utils import (
     sqlite_uri,
 )
 from PIL import Image
-
-import datasets.cifar10 as cifar10
-from config import load_config
-from networks import build_model
-from tools.train_net import main
+from ptengine.config import load_config
+from ptengine.networks import build_model
+from ptengine.tools.train_net import main
 
 QUICK = ["--config-file", str(DIGITS_CONFIG), "TRAIN.MAX_EPOCHS", "1", "LOG.PROGRESS_BAR", "False",
          "MLFLOW.LOG_MODEL", "False", "MLFLOW.EXPERIMENT_NAME", "mistakes"]

@@ -10,11 +10,11 @@ import gc
 
 import pytest
 import torch
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, ToTensor
 from torch import nn
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches
-from datasets.transforms import BatchTransform, ToTensor
 from engine import (
     BestCheckpointer,
     Checkpointer,

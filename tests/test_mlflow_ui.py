@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from fault_utils import wait_for
+from ptengine.config.defaults import REPO_ROOT
 
-from config.defaults import REPO_ROOT
 from engine.tracking import LOCAL_STORE, artifact_root
 from tests.test_docker import REPO, command_dir, option, recorder
 
@@ -133,8 +133,9 @@ def restored_environ():
 
 
 def train_one_epoch(tmp_path: Path, store: str) -> None:
+    from ptengine.tools.train_net import main
+
     import engine.logger
-    from tools.train_net import main
 
     try:
         exit_code = main(["--config-file", str(REPO / "config" / "digits.yaml"), "OUTPUT_DIR", str(tmp_path / "out"),

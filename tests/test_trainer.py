@@ -5,11 +5,11 @@ Every test drives a real ``Trainer`` over a real ``InMemoryBatches`` source with
 
 import pytest
 import torch
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 from torch import nn
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches
-from datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 from engine import Checkpointer, HookBase, LRScheduler, MetricWriter, PeriodicCheckpointer, Trainer
 from engine.checkpoint import load_file, save_file
 

@@ -4,8 +4,9 @@ import contextlib
 import os
 import tempfile
 
-from config import ConfigError, load_config
-from config.setup import fill_derived_defaults, merge_opts, validate_config
+from ptengine.config import ConfigError, load_config
+from ptengine.config.setup import fill_derived_defaults, merge_opts, validate_config
+
 from engine.tracking import make_client, resolve_tracking_uri
 
 

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from ptengine.config.defaults import REPO_ROOT
 
-from config.defaults import REPO_ROOT
 from engine.distributed import get_world_size, in_process_group
 from engine.precision import AMP_DTYPES, autocast_runs_on
 from engine.tracking import redact_credentials
