@@ -72,7 +72,9 @@ _C.TRAIN.CUTMIX_ALPHA = 0.0  # typical 1.0
 
 _C.DATA = CN()
 _C.DATA.CACHE_DIR = str(REPO_ROOT / ".data")  # where datasets are downloaded to and read from
-_C.DATA.CLASSES = list(CIFAR10_CLASSES)  # class names in label order (image_folder: sorted folder names)
+# Class names in label order. Empty = the dataset's own: CIFAR-10's, "0".."9" (digits, synthetic), or the sorted
+# class folders of DATA.ROOT/train (image_folder; a list given is checked against them).
+_C.DATA.CLASSES = []
 _C.DATA.DATASET_TYPE = "cifar10"  # cifar10 (also spelled cifer10), digits, image_folder, synthetic
 _C.DATA.INPUT_DIM = 3  # image channels fed to the model (digits are repeated to this many)
 _C.DATA.NUM_WORKERS = 2  # DataLoader workers for folder data (capped at the CPU count)
@@ -84,8 +86,10 @@ _C.DATA.TRANSFORM_LIST = ["to_tensor", "normalize"]
 # (also when listed after random_crop / random_horizontal_flip: the crop's padding then holds what a zero
 # pixel becomes). Bit-identical results, faster steps; the split takes 4x the memory (float32).
 _C.DATA.PRETRANSFORM = True
-_C.DATA.VALIDATION_SIZE = 0.25  # fraction of the training files held out for validation, in (0, 1)
-_C.DATA.ROOT = ""  # image_folder: folder holding train/ and val/ (ImageFolder layout)
+# Fraction of the training images held out for validation, in (0, 1), chosen by SEED. image_folder: only
+# without a val/ folder (with one, val/ is the validation split and this is not used).
+_C.DATA.VALIDATION_SIZE = 0.25
+_C.DATA.ROOT = ""  # image_folder: folder holding train/<class name>/ (and optionally val/, test/): ImageFolder layout
 _C.DATA.IMAGE_SIZE = 32  # image_folder / synthetic: images are resized to IMAGE_SIZE x IMAGE_SIZE
 _C.DATA.SYNTHETIC_SIZE = 2048  # synthetic: number of images (train + val)
 
@@ -93,7 +97,9 @@ _C.MODEL = CN()
 _C.MODEL.WEIGHTS = ""  # a model_final.pth or checkpoint to start from (or to evaluate with --eval-only)
 
 _C.MLFLOW = CN()
-_C.MLFLOW.EXPERIMENT_NAME = "Default"  # created on first use
+# Created on first use. Empty = named after the data: the dataset (digits, cifar10, synthetic) or, for
+# image_folder, DATA.ROOT's folder name (DATA.ROOT ~/data/flowers -> flowers).
+_C.MLFLOW.EXPERIMENT_NAME = ""
 # Empty = the MLFLOW_TRACKING_URI environment variable, else the project's local store
 # (sqlite:///<repo>/mlruns/mlflow.db with artifacts in <repo>/mlruns/artifacts).
 _C.MLFLOW.TRACKING_URI = ""
@@ -101,8 +107,8 @@ _C.MLFLOW.RUN_NAME = ""  # empty = MLflow picks a name
 # Log the trained model with mlflow.pytorch.log_model at the end (torch.export "pt2" format: loading it
 # back does not unpickle code).
 _C.MLFLOW.LOG_MODEL = True
-# Register the logged model as a new version of this registered model (empty = off). MLflow reserves the
-# alias "latest"; models:/<name>/latest already resolves to the newest version.
+# Register the logged model as a new version of this registered model (empty = off; needs LOG_MODEL True).
+# MLflow reserves the alias "latest"; models:/<name>/latest already resolves to the newest version.
 _C.MLFLOW.REGISTER_MODEL = ""
 # CPU, memory, disk and network (GPU utilisation, memory and power on NVIDIA GPUs) as system/... metrics,
 # sampled every 10 s by MLflow's monitor on a background thread, plus a last sample at the end.

@@ -30,9 +30,21 @@ def load_config(config_file: str | None = None, opts: list[str] | None = None) -
         merge_yaml_file(cfg, config_file)
     if opts:
         merge_opts(cfg, opts)
+    fill_derived_defaults(cfg)
     validate_config(cfg)
     cfg.freeze()
     return cfg
+
+
+def fill_derived_defaults(cfg: CfgNode) -> None:
+    """Fill the keys left empty whose value follows from others, so that config.yaml and the params say what was
+    used: DATA.CLASSES (the dataset's own class names) and MLFLOW.EXPERIMENT_NAME (named after the data)."""
+    from ptengine.datasets import data_name, default_class_names  # here: the datasets package imports config
+
+    if not cfg.DATA.CLASSES:
+        cfg.DATA.CLASSES = default_class_names(cfg)
+    if not cfg.MLFLOW.EXPERIMENT_NAME:
+        cfg.MLFLOW.EXPERIMENT_NAME = data_name(cfg)
 
 
 def setup_config(args) -> CfgNode:
@@ -116,6 +128,9 @@ def validate_config(cfg: CfgNode) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected}, got {_lookup(cfg, key)!r}")
+    if cfg.MLFLOW.REGISTER_MODEL and not cfg.MLFLOW.LOG_MODEL:  # it would train to the end and register nothing
+        raise ConfigError(f"MLFLOW.REGISTER_MODEL {cfg.MLFLOW.REGISTER_MODEL!r} registers the logged model, but "
+                          "MLFLOW.LOG_MODEL is False; set MLFLOW.LOG_MODEL True, or leave MLFLOW.REGISTER_MODEL empty")
 
 
 def with_output_dir(cfg: CfgNode, output_dir) -> CfgNode:

@@ -49,13 +49,19 @@ class DatasetSplits:
 
 def split_train_val(split: TensorSplit, validation_size: float, seed: int) -> tuple[TensorSplit, TensorSplit]:
     """Hold out ``validation_size`` of ``split`` for validation, chosen by a permutation seeded with ``seed``."""
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    num_val = max(1, round(len(split) * validation_size))
-    if num_val >= len(split):
-        raise DatasetError(f"DATA.VALIDATION_SIZE {validation_size} leaves no training images out of {len(split)}")
-    val_idx, train_idx = order[:num_val].sort().values, order[num_val:].sort().values
+    train_idx, val_idx = holdout_indices(len(split), validation_size, seed)
     return (TensorSplit(split.images[train_idx], split.labels[train_idx]),
             TensorSplit(split.images[val_idx], split.labels[val_idx]))
+
+
+def holdout_indices(count: int, validation_size: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices (train, validation) of ``count`` items: ``validation_size`` of them (at least one) held out,
+    chosen by a permutation seeded with ``seed``."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    num_val = max(1, round(count * validation_size))
+    if num_val >= count:
+        raise DatasetError(f"DATA.VALIDATION_SIZE {validation_size} leaves no training images out of {count}")
+    return order[num_val:].sort().values, order[:num_val].sort().values
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,19 +1,21 @@
 """User images in torchvision's ImageFolder layout, read from disk through a DataLoader.
 
     DATA.ROOT/train/<class name>/<any name>.png|.jpg|...
-    DATA.ROOT/val/<class name>/...
+    DATA.ROOT/val/<class name>/...       (optional: without it, DATA.VALIDATION_SIZE of train/ is held out)
     DATA.ROOT/test/<class name>/...      (optional)
 
-Class indices follow the sorted folder names, and DATA.CLASSES must list those names in that order.
-Items are decoded and resized only; random augmentation and normalization happen later, on whole batches
-on the training device.
+Class indices follow the sorted folder names: DATA.CLASSES left empty becomes them, and a list given must
+name them in that order. Items are decoded and resized only; random augmentation and normalization happen
+later, on whole batches on the training device.
 """
 
+import copy
+import os
 from pathlib import Path
 
 import torch
 from PIL import Image
-from ptengine.datasets.base import DatasetError, DatasetSplits
+from ptengine.datasets.base import DatasetError, DatasetSplits, holdout_indices
 from torch.utils.data import Dataset
 
 PIL_MODES = {3: "RGB", 1: "L"}  # DATA.INPUT_DIM -> the mode every image is converted to
@@ -46,6 +48,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, indices) -> "ImageFolderDataset":
+        """The same folder with only the samples at ``indices`` (a split of it)."""
+        part = copy.copy(self)
+        part.samples = [self.samples[index] for index in indices]
+        return part
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         try:
@@ -66,8 +74,12 @@ def build_image_folder(cfg) -> DatasetSplits:
     channels, size = cfg.DATA.INPUT_DIM, cfg.DATA.IMAGE_SIZE
     train = ImageFolderDataset(_split_folder(root, "train"), channels, size)
     _check_class_names(list(cfg.DATA.CLASSES), train)
-    val = ImageFolderDataset(_split_folder(root, "val"), channels, size)
-    _check_same_classes(train, val)
+    if (root / "val").is_dir():
+        val = ImageFolderDataset(root / "val", channels, size)
+        _check_same_classes(train, val)
+    else:  # hold out DATA.VALIDATION_SIZE of the training files, chosen by SEED
+        train_indices, val_indices = holdout_indices(len(train), cfg.DATA.VALIDATION_SIZE, cfg.SEED)
+        train, val = train.subset(train_indices.tolist()), train.subset(val_indices.tolist())
     test = None
     if (root / "test").is_dir():
         test = ImageFolderDataset(root / "test", channels, size)
@@ -77,20 +89,31 @@ def build_image_folder(cfg) -> DatasetSplits:
                          source=str(root.resolve()))
 
 
+def folder_class_names(root: str) -> list[str]:
+    """The class names of DATA.ROOT: its train/ folder's subfolders, sorted, as ImageFolder labels them (the
+    same rule as torchvision's ``find_classes``, without importing torchvision while the config is read)."""
+    train = _split_folder(_check_root(root), "train")
+    names = sorted(entry.name for entry in os.scandir(train) if entry.is_dir())
+    if not names:
+        raise DatasetError(f"no images found in {train}: it has no class folders. Put the images in one subfolder "
+                           f"per class, e.g. {train}/<class name>/0001.png")
+    return names
+
+
 def _check_root(root: str) -> Path:
     if not root:
         raise DatasetError("DATA.ROOT is empty; the image_folder dataset needs DATA.ROOT set to a folder holding "
-                           "train/ and val/, each with one subfolder of images per class")
+                           "train/ (and optionally val/), with one subfolder of images per class")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DatasetError(f"DATA.ROOT {root} is not a folder; set DATA.ROOT to the folder holding train/ and val/")
+        raise DatasetError(f"DATA.ROOT {root} is not a folder; set DATA.ROOT to the folder holding train/")
     return path
 
 
 def _split_folder(root: Path, split: str) -> Path:
     folder = root / split
     if not folder.is_dir():
-        raise DatasetError(f"{folder} is missing; DATA.ROOT must hold train/ and val/ (and optionally test/), "
+        raise DatasetError(f"{folder} is missing; DATA.ROOT must hold train/ (and optionally val/ and test/), "
                            f"each with one subfolder of images per class")
     return folder
 

@@ -27,7 +27,6 @@ The built-in hooks, in the order ``tools/build.py`` registers them: LRScheduler,
 MetricWriter, your hooks, BestCheckpointer, PeriodicCheckpointer, ProgressBar.
 """
 
-import datetime
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ import time
 import weakref
 
 from engine.logger import attach_progress_bar
+from engine.pace import RunPace, step_rate, time_left
 
 logger = logging.getLogger("engine")
 
@@ -102,17 +102,23 @@ class LRScheduler(HookBase):
 
 
 class EpochTimer(HookBase):
-    """Epoch wall time and training throughput (measured per epoch: no per-step device sync)."""
+    """Epoch wall time and training throughput (measured per epoch: no per-step device sync), and the run's pace
+    (``engine.pace.RunPace``: the one ETA that the console lines and the bar show), which it feeds."""
 
-    def __init__(self, samples_per_epoch: int):
+    def __init__(self, samples_per_epoch: int, pace: RunPace | None = None):
         self.samples_per_epoch = samples_per_epoch
+        self.pace = pace if pace is not None else RunPace()
         self._start = 0.0
         self._first_iter = 0
 
     def before_epoch(self):
         self._start, self._first_iter = time.perf_counter(), self.trainer.iter
 
+    def after_step(self):
+        self.pace.step_finished(self.trainer.iter)
+
     def after_epoch(self):
+        self.pace.epoch_finished()  # first of the epoch-end hooks: the evaluation and checkpoint come after it
         if self.trainer.iter == self._first_iter:
             return  # resumed exactly at this epoch's end: nothing was timed
         seconds = time.perf_counter() - self._start
@@ -155,8 +161,9 @@ class MetricWriter(HookBase):
 
     Console: one line every ``period`` iterations (and at the last) with the training values,
     ``epoch 3/15  iter 60/330  train_loss 0.2164  lr 0.02  ETA 0:01:52``, and one line per epoch with the
-    evaluation. The ETA is for the whole run, from this process's pace so far (evaluations included).
-    Its state in a checkpoint is the MLflow run it logs to, which a resume re-attaches.
+    evaluation. The ETA is for the whole run, from ``pace`` (the ``RunPace`` that EpochTimer feeds and the bar
+    shows too; without one, ``?``). Its state in a checkpoint is the MLflow run it logs to, which a resume
+    re-attaches.
     """
 
     state_key = "MetricWriter"  # the class name of earlier versions: their checkpoints still resume
@@ -164,14 +171,11 @@ class MetricWriter(HookBase):
     TRAINING_VALUES = ("train_loss", "lr")
     EPOCH_VALUES = ("val_loss", "val_acc1", "val_acc1_raw", "images_per_sec")  # _raw: with EMA (engine/ema.py)
 
-    def __init__(self, tracker, period: int):
+    def __init__(self, tracker, period: int, pace: RunPace | None = None):
         self.tracker, self.period = tracker, period
+        self.pace = pace if pace is not None else RunPace()
         self.latest: dict[str, float] = {}
         self._fresh: set[str] = set()
-        self._start_time, self._start_iter = 0.0, 0
-
-    def before_train(self):
-        self._start_time, self._start_iter = time.perf_counter(), self.trainer.iter
 
     def after_step(self):
         if is_period_end(self.trainer.iter, self.period, self.trainer.max_iter):
@@ -183,7 +187,7 @@ class MetricWriter(HookBase):
         self.trainer.storage.put("epoch", self.trainer.epoch + 1, self.trainer.iter)  # 1-based, as printed
         self.trainer.flush_metrics()
         if any(name in self._fresh for name in self.EPOCH_VALUES):
-            logger.info(self._line("", self.EPOCH_VALUES, only=self._fresh))
+            logger.info(self._line("", self.EPOCH_VALUES, only=self._fresh, epoch_ended=True))
         self._fresh.clear()
 
     def after_train(self):
@@ -201,22 +205,14 @@ class MetricWriter(HookBase):
         run_id = self.tracker.run_id if self.tracker is not None else None
         return {"mlflow_run_id": run_id} if run_id else {}
 
-    def _line(self, position: str, names, only=None) -> str:
+    def _line(self, position: str, names, only=None, epoch_ended: bool = False) -> str:
         trainer = self.trainer
         parts = [f"epoch {trainer.epoch + 1}/{trainer.max_epochs}"] + ([position] if position else [])
         for name in names:
             if name in self.latest and (only is None or name in only):
                 parts.append(_format_value(name, self.latest[name]))
-        parts.append(f"ETA {self.eta()}")
+        parts.append(f"ETA {time_left(trainer, self.pace, epoch_ended)}")
         return "  ".join(parts)
-
-    def eta(self) -> str:
-        """Time left for the whole run, as H:MM:SS."""
-        done = self.trainer.iter - self._start_iter
-        if done <= 0:
-            return "?"
-        seconds = (time.perf_counter() - self._start_time) / done * (self.trainer.max_iter - self.trainer.iter)
-        return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _format_value(name: str, value: float) -> str:
@@ -228,18 +224,23 @@ def _format_value(name: str, value: float) -> str:
 
 
 class ProgressBar(HookBase):
-    """One tqdm bar for the whole run, with its ETA, on the terminal's stderr.
+    """One tqdm bar for the whole run on the terminal's stderr, with the run's ETA and pace from ``pace`` (the
+    ``RunPace`` the console lines show too; tqdm's own estimate, a moving average that evaluations and
+    start-up pull around, is not shown).
 
     Only on a terminal: never in log.txt, a pipe or a file (``train_bg.sh``'s console file). Lines printed
     meanwhile go above it (``engine.logger``).
     """
 
-    FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}, {rate_fmt}]"
+    FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+    TEXT_PERIOD_S = 0.5  # how often the ETA text is recomputed (tqdm redraws at most as often)
 
-    def __init__(self, stream=None, enabled: bool = True):
+    def __init__(self, stream=None, enabled: bool = True, pace: RunPace | None = None):
         self.stream = stream or sys.__stderr__
         self.enabled = enabled and _is_terminal(self.stream)
+        self.pace = pace if pace is not None else RunPace()
         self._bar = None
+        self._text_time = -math.inf
 
     def before_train(self):
         if not self.enabled:
@@ -248,7 +249,7 @@ class ProgressBar(HookBase):
 
         self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.iter, file=self.stream,
                          bar_format=self.FORMAT, unit="step", ncols=self._width(), mininterval=0.5, leave=False,
-                         desc=self._description())
+                         desc=self._description(), postfix=self._pace_text())
         attach_progress_bar(self._bar)
 
     def before_epoch(self):
@@ -258,13 +259,28 @@ class ProgressBar(HookBase):
 
     def after_step(self):
         if self._bar is not None:
+            now = self.pace.last_step_time
+            if now is None or now - self._text_time >= self.TEXT_PERIOD_S:
+                self._bar.set_postfix_str(self._pace_text(), refresh=False)
+                self._text_time = now if now is not None else -math.inf
             self._bar.update(1)
 
     def after_train(self):
         if self._bar is not None:
             attach_progress_bar(None)
             self._bar.close()
+            # tqdm erases the bar by writing spaces over it: the next line printed would end in them.
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
             self._bar = None
+
+    @property
+    def bar(self):
+        """The tqdm bar while it is on screen, else None (``str(bar)`` is the line it draws)."""
+        return self._bar
+
+    def _pace_text(self) -> str:
+        return f"ETA {time_left(self.trainer, self.pace)}, {step_rate(self.pace)}"
 
     def _description(self) -> str:
         return f"epoch {self.trainer.epoch + 1}/{self.trainer.max_epochs}"

@@ -170,7 +170,8 @@ class Trainer:
         return unwrapped(self.model)
 
     def train(self) -> None:
-        logger.info(f"training for {self.max_epochs} epochs ({self.max_iter} iterations), starting at {self.iter}")
+        epochs = f"{self.max_epochs} epoch{'s' if self.max_epochs != 1 else ''}"
+        logger.info(f"training for {epochs} ({self.max_iter} iterations), starting at {self.iter}")
         self._dispatch = self._methods_of(self.hooks)  # ``hooks`` may have been edited since registration
         try:
             self._call("before_train")

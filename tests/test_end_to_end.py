@@ -270,7 +270,7 @@ def test_a_diverging_loss_fails_the_run_at_its_first_bad_iteration(capfd, run_di
     assert len(error_lines) == 1 and "NaN or inf at iteration 2 (epoch 1)" in error_lines[0]
 
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     assert run.info.status == "FAILED"
     assert [(m.step, math.isfinite(m.value)) for m in client.get_metric_history(run.info.run_id, "train_loss")] \
         == [(1, True)]

@@ -27,8 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- the terminal ------------------------------------------------------------------------------------------------
-def screen_lines(raw: str, width: int) -> list[str]:
-    """Every line the terminal showed, after carriage returns, overwrites, wraps and cursor-up moves."""
+def screen_lines(raw: str, width: int, keep_trailing_spaces: bool = False) -> list[str]:
+    """Every line the terminal showed, after carriage returns, overwrites, wraps and cursor-up moves (with the
+    spaces written at their ends, which a copy from the terminal takes along, if ``keep_trailing_spaces``)."""
     rows, row, column, position = [[]], 0, 0, 0
     while position < len(raw):
         escape = re.match(r"\x1b\[(\d*)([A-Za-z])", raw[position:])
@@ -54,7 +55,7 @@ def screen_lines(raw: str, width: int) -> list[str]:
         line.extend(" " * (column + 1 - len(line)))
         line[column] = char
         column += 1
-    return ["".join(line).rstrip() for line in rows]
+    return ["".join(line) if keep_trailing_spaces else "".join(line).rstrip() for line in rows]
 
 
 def run_in_terminal(args: list[str], cwd: Path, columns: int = 120, lines: int = 32) -> tuple[int, str]:
@@ -118,7 +119,7 @@ def test_two_runs_get_different_names_and_the_same_weights(run_dir, small_run_op
                  "MLFLOW.LOG_MODEL", "True", "MLFLOW.REGISTER_MODEL", "noise-cnn"]) == 0
 
     client = mlflow.MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id], order_by=["start_time"])
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id], order_by=["start_time"])
     assert len(runs) == 2 and runs[0].info.run_name != runs[1].info.run_name
     first, second = (torch.load(folder / "model_final.pth", weights_only=True) for folder in outputs)
     assert all(torch.equal(first[key], second[key]) for key in first)
@@ -190,6 +191,6 @@ def test_a_fresh_run_never_reattaches_the_mlflow_run_named_in_its_folder(run_dir
     assert main([*small_run_opts, "OUTPUT_DIR", str(second)]) == 0  # no --resume: a new run
 
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     assert len(runs) == 2
     assert (second / "mlflow_run_id").read_text() != (first / "mlflow_run_id").read_text()

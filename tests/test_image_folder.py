@@ -79,10 +79,37 @@ def test_a_missing_root_is_named(tmp_path):
         build_image_folder(folder_config(tmp_path / "nowhere"))
 
 
-def test_a_missing_val_folder_is_named(tmp_path):
-    make_split(tmp_path, "train", {"cat": 1, "dog": 1})
-    with pytest.raises(DatasetError, match=f"{tmp_path / 'val'} is missing"):
-        build_image_folder(folder_config(tmp_path))
+def test_without_a_val_folder_validation_size_of_the_training_files_is_held_out_by_seed(tmp_path):
+    make_split(tmp_path, "train", {"cat": 6, "dog": 4})
+    splits = build_image_folder(folder_config(tmp_path, "DATA.VALIDATION_SIZE", "0.3"))
+
+    assert (len(splits.train), len(splits.val)) == (7, 3)
+    train_files, val_files = ({path for path, _ in split.samples} for split in (splits.train, splits.val))
+    assert not train_files & val_files and len(train_files | val_files) == 10  # every file in exactly one split
+    again = build_image_folder(folder_config(tmp_path, "DATA.VALIDATION_SIZE", "0.3"))
+    other_seed = build_image_folder(folder_config(tmp_path, "DATA.VALIDATION_SIZE", "0.3", "SEED", "7"))
+    assert again.val.samples == splits.val.samples != other_seed.val.samples
+
+
+def test_with_a_val_folder_validation_size_is_not_used(tmp_path):
+    splits = build_image_folder(folder_config(make_dataset(tmp_path), "DATA.VALIDATION_SIZE", "0.5"))
+    assert (len(splits.train), len(splits.val)) == (5, 2)
+
+
+def test_class_names_default_to_the_sorted_class_folders_and_the_experiment_to_the_folder_name(tmp_path):
+    root = tmp_path / "my_pets"
+    make_split(root, "train", {"dog": 1, "cat": 1})
+    cfg = load_config(None, ["DATA.DATASET_TYPE", "image_folder", "DATA.ROOT", str(root)])
+    assert list(cfg.DATA.CLASSES) == ["cat", "dog"]
+    assert cfg.MLFLOW.EXPERIMENT_NAME == "my_pets"
+    named = load_config(None, ["DATA.DATASET_TYPE", "image_folder", "DATA.ROOT", str(root),
+                               "MLFLOW.EXPERIMENT_NAME", "pets-v2"])
+    assert named.MLFLOW.EXPERIMENT_NAME == "pets-v2"  # a name given is kept
+
+
+def test_without_class_names_a_missing_train_folder_is_named_while_the_config_is_read(tmp_path):
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'train'} is missing; DATA.ROOT must hold train/"):
+        load_config(None, ["DATA.DATASET_TYPE", "image_folder", "DATA.ROOT", str(tmp_path)])
 
 
 def test_a_class_folder_without_images_is_reported(tmp_path):

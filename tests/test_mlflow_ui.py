@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from fault_utils import wait_for
 from ptengine.config.defaults import REPO_ROOT
 
 from engine.tracking import LOCAL_STORE, artifact_root
@@ -25,7 +26,7 @@ STARTUP_LIMIT_S = 60
 def repo_copy(tmp_path: Path) -> Path:
     """The script and docker/env.sh in a repository of their own, so its default store is not ours."""
     repo = tmp_path / "repo"
-    for relative in ("tools/mlflow_ui.sh", "docker/env.sh"):
+    for relative in ("tools/mlflow_ui.sh", "tools/mlflow_ui_runs_url.py", "docker/env.sh"):
         (repo / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / relative, repo / relative)
     return repo
@@ -245,6 +246,10 @@ def test_the_ui_serves_a_training_run_through_the_rest_api_on_localhost_only(tmp
         assert run["data"]["metrics"]
         artifacts = api(port, f"artifacts/list?run_id={run['info']['run_id']}")["files"]
         assert "config.yaml" in {artifact["path"] for artifact in artifacts}
+        # It prints where the run is read (the runs list, a route of MLflow 3's UI), and no warning of MLflow's.
+        runs_url = f"runs of experiment 'digits': http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs"
+        wait_for(lambda: runs_url in (tmp_path / "ui.log").read_text(), "the runs list's address", timeout=60)
+        assert "Warning" not in (tmp_path / "ui.log").read_text()
     finally:
         stop(server)
     assert not group_alive(server.pid)

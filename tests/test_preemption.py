@@ -50,7 +50,7 @@ def test_sigusr1_saves_a_checkpoint_marks_the_run_killed_and_exits_130(small_run
     assert log.rstrip().endswith(f"OUTPUT_DIR {output_dir} --resume")  # the command that continues it
     assert (output_dir / "last_checkpoint").read_text() == "checkpoint_00000003.pth"
     assert not (output_dir / "model_final.pth").exists()
-    (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="Default")
+    (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="synthetic")
     assert run.info.status == "KILLED"
 
 

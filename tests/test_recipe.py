@@ -276,7 +276,7 @@ def test_amp_with_bfloat16_runs_on_the_cpu_and_float16_stays_float32_there(run_d
                          hooks=[record]) == 0
 
     assert record.types == {runs_in}
-    (run,) = runs_of(sqlite_uri(run_dir / "store"), experiment="Default")
+    (run,) = runs_of(sqlite_uri(run_dir / "store"), experiment="synthetic")
     assert run.data.tags["amp_dtype"] == str(runs_in).removeprefix("torch.")
     assert ("training in float32" in (run_dir / "output" / "log.txt").read_text()) == (runs_in == torch.float32)
 

@@ -86,11 +86,14 @@ def test_on_the_cpu_the_rerun_computes_the_same_weights_bit_for_bit(original_and
     assert sorted(histories[0]) == sorted(histories[1])
 
 
-def test_rerun_config_takes_command_line_overrides_and_a_fresh_output_dir(original_and_rerun):
+def test_rerun_config_takes_command_line_overrides_and_a_fresh_output_dir(original_and_rerun, capfd):
     original_id = original_and_rerun["original"].info.run_id
     uri = original_and_rerun["tracking_uri"]
+    capfd.readouterr()
 
     cfg, tags = rerun_config(original_id, ["MLFLOW.TRACKING_URI", uri, "TRAIN.LR", "0.05"])
+
+    assert "Downloading" not in capfd.readouterr().err  # no MLflow progress bar for fetching config.yaml
 
     assert tags == {"rerun_of": original_id}
     assert cfg.TRAIN.LR == 0.05

@@ -33,6 +33,7 @@ from engine.distributed import barrier, get_rank, get_world_size, module_to_eval
 from engine.ema import EMAHook, ModelEMA
 from engine.eval_report import PerClassAccuracyReport
 from engine.evaluation import evaluate
+from engine.pace import RunPace
 from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord
 from engine.tracking import MLflowTracker, ModelCard, redact_credentials, resolve_tracking_uri
@@ -204,20 +205,21 @@ def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=Non
     """
     optimizer = _optimizer_for(cfg, model, optimizer)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
+    pace = RunPace()  # one ETA: measured by the epoch timer, shown by the console lines and the bar
     hooks = [
         *([EMAHook(ema)] if ema is not None else []),  # first: every other hook sees the average of this step
         engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
-        engine_hooks.EpochTimer(len(data.splits.train)),
+        engine_hooks.EpochTimer(len(data.splits.train), pace),
         engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD),
         *([PerClassAccuracyReport(tracker, cfg.DATA.CLASSES)] if tracker is not None else []),
-        engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD),
+        engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD, pace),
         *extra_hooks,
     ]
     if checkpointer is not None:
         hooks += [engine_hooks.BestCheckpointer(checkpointer, model=ema.module if ema is not None else None),
                   engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD,
                                                     before_write=tracker.save_pending if tracker else None)]
-    hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0))
+    hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0, pace=pace))
     return Trainer(model, optimizer, data.train, cfg.TRAIN.MAX_EPOCHS, device, hooks=hooks,
                    loss=loss or build_loss(cfg), amp=cfg.TRAIN.AMP, amp_dtype=AMP_DTYPES[cfg.TRAIN.AMP_DTYPE],
                    accum_steps=cfg.TRAIN.ACCUM_STEPS, clip_grad_norm=cfg.TRAIN.CLIP_GRAD_NORM,

@@ -49,5 +49,15 @@ MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION
 set -- --workers 1 "$@"
 
+# mlflow/server/fastapi_app.py imports starlette.middleware.wsgi, which warns that it is deprecated on every start:
+# MLflow's to fix, nothing a user can act on. Only that warning, from that module, is silenced.
+PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated:UserWarning:mlflow.server.fastapi_app${PYTHONWARNINGS:+,$PYTHONWARNINGS}"
+export PYTHONWARNINGS
+
 echo "MLflow UI for $STORE on http://127.0.0.1:$MLFLOW_PORT" >&2
+# Once the server answers, the address of the newest run's experiment's runs list (needs a Python beside mlflow).
+PYTHON="$(dirname "$(command -v "$MLFLOW")")/python"
+if [ -x "$PYTHON" ] && [ -f "$REPO/tools/mlflow_ui_runs_url.py" ]; then
+    "$PYTHON" "$REPO/tools/mlflow_ui_runs_url.py" "$MLFLOW_PORT" &
+fi
 exec "$MLFLOW" server --backend-store-uri "$STORE" --host "$HOST" --port "$MLFLOW_PORT" "$@"

@@ -1,9 +1,11 @@
 """``--rerun RUN_ID``: the config a logged MLflow run was trained with, to train it again."""
 
+import contextlib
+import os
 import tempfile
 
 from ptengine.config import ConfigError, load_config
-from ptengine.config.setup import merge_opts, validate_config
+from ptengine.config.setup import fill_derived_defaults, merge_opts, validate_config
 
 from engine.tracking import make_client, resolve_tracking_uri
 
@@ -15,7 +17,8 @@ def rerun_config(run_id: str, opts: list[str]):
     with tempfile.TemporaryDirectory(prefix="rerun-") as folder:
         try:
             client.get_run(run_id)
-            config_file = client.download_artifacts(run_id, "config.yaml", folder)
+            with _no_download_bar():
+                config_file = client.download_artifacts(run_id, "config.yaml", folder)
         except Exception as error:
             raise ConfigError(f"cannot fetch config.yaml of MLflow run {run_id}: {str(error).splitlines()[0]}; "
                               "check the run id and MLFLOW.TRACKING_URI / MLFLOW_TRACKING_URI") from None
@@ -26,6 +29,25 @@ def rerun_config(run_id: str, opts: list[str]):
     cfg = source.clone()
     cfg.defrost()
     merge_opts(cfg, opts)
+    fill_derived_defaults(cfg)  # a key the command line empties gets its default, as in a new run
     validate_config(cfg)
     cfg.freeze()
     return cfg, {"rerun_of": run_id}
+
+
+@contextlib.contextmanager
+def _no_download_bar():
+    """Without MLflow's "Downloading artifacts" bar for one small file: the first thing a rerun printed.
+
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is MLflow's public switch (mlflow.environment_variables); it is put back
+    as it was, so the user's own setting holds for the rest of the run."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved

@@ -42,7 +42,7 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=normal")  # a new file is a change too
     record = {
-        "mlflow.source.name": "tools/train_net.py",
+        "mlflow.source.name": script_name(),
         "mlflow.source.type": "LOCAL",
         "command": redact_credentials(shlex.join([sys.executable, *sys.argv])),
         "seed": str(cfg.SEED),
@@ -60,6 +60,17 @@ def collect_run_record(cfg, device, num_gpus: int) -> dict[str, str]:
         record["git_branch"] = _git("rev-parse", "--abbrev-ref", "HEAD") or ""
         record["git_dirty"] = str(bool(status))
     return record
+
+
+def script_name(argv0: str | None = None) -> str:
+    """The script that was run (``tools/train_net.py``, a hook script of the user's), as the command tag has it:
+    relative to the repository root when it is inside, else its absolute path; what Python was given otherwise
+    (``-c``, a notebook's kernel)."""
+    given = sys.argv[0] if argv0 is None and sys.argv else argv0 or ""
+    path = Path(given).resolve() if given and given != "-c" else None
+    if path is None or not path.is_file():
+        return given or "python"
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def _autocast_type(cfg, device) -> str:
