@@ -2,9 +2,8 @@
 
 import sys
 
-from ptengine.tools.train_net import main
-
 from engine import HookBase
+from ptengine.tools.train_net import main
 
 
 class PrintEveryEpoch(HookBase):

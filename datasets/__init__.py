@@ -7,6 +7,7 @@ Hugging Face ``datasets`` library: it is imported as ``ptengine.datasets`` (see 
 
 from pathlib import Path
 
+from engine.registry import DATASET_REGISTRY
 from ptengine.config.defaults import CIFAR10_CLASSES
 from ptengine.config.setup import ConfigError
 from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit
@@ -14,8 +15,6 @@ from ptengine.datasets.cifar10 import build_cifar10
 from ptengine.datasets.digits import build_digits
 from ptengine.datasets.image_folder import build_image_folder, folder_class_names
 from ptengine.datasets.synthetic import build_synthetic
-
-from engine.registry import DATASET_REGISTRY
 
 DATASET_REGISTRY.update(cifar10=build_cifar10, digits=build_digits, image_folder=build_image_folder,
                         synthetic=build_synthetic)

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from ptengine.datasets.base import TensorSplit
 from ptengine.datasets.transforms import BatchTransform
-from torch.utils.data import DataLoader, Dataset
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit, channel_stats, split_train_val
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

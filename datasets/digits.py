@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ptengine.datasets.base import DatasetSplits, TensorSplit, channel_stats, match_channels, split_train_val
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from ptengine.datasets.base import DatasetError, DatasetSplits, holdout_indices
 from torch.utils.data import Dataset
+
+from ptengine.datasets.base import DatasetError, DatasetSplits, holdout_indices
 
 PIL_MODES = {3: "RGB", 1: "L"}  # DATA.INPUT_DIM -> the mode every image is converted to
 # No pass over a folder of images just to compute statistics (that can take longer than an epoch):

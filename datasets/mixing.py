@@ -19,6 +19,7 @@ of processes. Here instead:
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ptengine.config import ConfigError
 
 MAX_GROUP_SIZE = 8

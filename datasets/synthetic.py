@@ -4,6 +4,7 @@ There is nothing to learn here (labels do not depend on pixels), so accuracy sta
 """
 
 import torch
+
 from ptengine.datasets.base import DatasetSplits, TensorSplit, channel_stats, split_train_val
 
 

@@ -18,10 +18,11 @@ The transforms of ``DATA.TRANSFORM_LIST`` run on whole batches on the device; ui
 import itertools
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit
 from ptengine.datasets.batches import Batch
 from ptengine.datasets.image_folder import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD
-from torch.utils.data import DataLoader, Dataset
 
 
 def splits_from_objects(train, val, num_classes: int) -> DatasetSplits:

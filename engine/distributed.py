@@ -8,10 +8,10 @@ import threading
 from contextlib import contextmanager
 
 import torch
-from ptengine.config import ConfigError
 from torch import nn
 
 from engine.compile import uncompiled
+from ptengine.config import ConfigError
 
 logger = logging.getLogger("engine")
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ptengine.config import ConfigError
 
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
 from engine.distributed import broadcast_object, get_world_size, is_main_process
@@ -31,6 +30,7 @@ from engine.hooks import MetricWriter, TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
 from engine.tracking import ModelCard, redact_credentials
+from ptengine.config import ConfigError
 
 logger = logging.getLogger("engine")
 

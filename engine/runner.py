@@ -33,9 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from ptengine.config import ConfigError
-from ptengine.config.resume import check_resume_config
-from ptengine.config.setup import with_output_dir
 
 from engine.checkpoint import Checkpointer
 from engine.distributed import is_main_process, process_group, select_device
@@ -53,6 +50,9 @@ from engine.run import (
     set_deterministic,
 )
 from engine.run_lock import FolderLock
+from ptengine.config import ConfigError
+from ptengine.config.resume import check_resume_config
+from ptengine.config.setup import with_output_dir
 
 logger = logging.getLogger("engine")
 

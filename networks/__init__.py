@@ -4,11 +4,11 @@ Adding a model is one new file with a ``build_<name>(cfg)`` function plus one en
 your own, ``@MODEL_REGISTRY.register("<name>")`` (engine/registry.py).
 """
 
-from ptengine.networks.resnet import build_resnet18
-from ptengine.networks.simple_cnn import SimpleCNN, build_simple_cnn
 from torch import nn
 
 from engine.registry import MODEL_REGISTRY
+from ptengine.networks.resnet import build_resnet18
+from ptengine.networks.simple_cnn import SimpleCNN, build_simple_cnn
 
 MODEL_REGISTRY.update(simple_cnn=build_simple_cnn, resnet18=build_resnet18)
 

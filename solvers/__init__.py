@@ -3,6 +3,7 @@
 import math
 
 import torch
+
 from ptengine.solvers.lr_schedulers import SCHEDULE_REGISTRY, PerIterationLR, with_warmup
 from ptengine.solvers.optimizers import OPTIMIZER_REGISTRY
 

@@ -11,7 +11,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import ptengine.datasets.cifar10 as cifar10
 import pytest
 import torch
 from conftest import isolated_training
@@ -25,6 +24,8 @@ from fault_utils import (
     sqlite_uri,
 )
 from PIL import Image
+
+import ptengine.datasets.cifar10 as cifar10
 from ptengine.config import load_config
 from ptengine.networks import build_model
 from ptengine.tools.train_net import main

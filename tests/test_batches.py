@@ -5,10 +5,11 @@ Labels here are the sample indices, so a batch's labels say exactly which sample
 
 import pytest
 import torch
+from torch.utils.data import Dataset
+
 from ptengine.datasets.base import TensorSplit
 from ptengine.datasets.batches import InMemoryBatches, apply_once, build_batches, epoch_order
 from ptengine.datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
-from torch.utils.data import Dataset
 
 NUM_SAMPLES = 50
 

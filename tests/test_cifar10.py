@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import ptengine.datasets.cifar10 as cifar10
 import pytest
 import torch
+
+import ptengine.datasets.cifar10 as cifar10
 from ptengine.config import load_config
 from ptengine.datasets import DatasetError, build_datasets
 

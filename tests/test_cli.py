@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ptengine.tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from ptengine.config import ConfigError, flatten_config, get_default_config, load_config
-from ptengine.datasets import build_datasets
-from ptengine.datasets.synthetic import build_synthetic
 from yacs.config import CfgNode
 
 from ptengine import datasets
+from ptengine.config import ConfigError, flatten_config, get_default_config, load_config
+from ptengine.datasets import build_datasets
+from ptengine.datasets.synthetic import build_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")

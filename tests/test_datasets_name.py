@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ptengine.datasets
 from fault_utils import empty_store, process_env, runs_of
+
+import ptengine.datasets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAND_INS = ("datasets", "config", "tools")

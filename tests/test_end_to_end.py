@@ -15,6 +15,10 @@ import mlflow
 import pytest
 import torch
 from PIL import Image
+
+from engine.checkpoint import Checkpointer, load_file
+from engine.evaluation import evaluate
+from engine.logger import restore_streams, setup_logging
 from ptengine.config import flatten_config, load_config
 from ptengine.datasets import build_datasets
 from ptengine.datasets.batches import build_batches
@@ -22,10 +26,6 @@ from ptengine.datasets.transforms import build_transform
 from ptengine.networks import build_model
 from ptengine.tools.dataset_inputs import split_digest
 from ptengine.tools.train_net import main
-
-from engine.checkpoint import Checkpointer, load_file
-from engine.evaluation import evaluate
-from engine.logger import restore_streams, setup_logging
 
 DIGITS_YAML = str(Path(__file__).resolve().parent.parent / "config" / "digits.yaml")
 

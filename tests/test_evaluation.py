@@ -12,19 +12,19 @@ from pathlib import Path
 import matplotlib.image
 import mlflow
 import numpy as np
-import ptengine.datasets.cifar10 as cifar10
 import pytest
 import torch
 from conftest import isolated_training
 from fault_utils import empty_store
+
+import ptengine.datasets.cifar10 as cifar10
+from engine.figures import confusion_matrix_figure
+from engine.run import RUN_ID_FILE
 from ptengine.config import load_config
 from ptengine.config.defaults import CIFAR10_CLASSES
 from ptengine.datasets import build_datasets
 from ptengine.networks import build_model
 from ptengine.tools.train_net import main
-
-from engine.figures import confusion_matrix_figure
-from engine.run import RUN_ID_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")

@@ -19,9 +19,9 @@ from pathlib import Path
 import mlflow
 import torch
 from fault_utils import DIGITS_CONFIG, PYTHON, TRAIN_NET, empty_store, process_env
-from ptengine.tools.train_net import main, python_command, resume_command
 
 from engine.hooks import ProgressBar
+from ptengine.tools.train_net import main, python_command, resume_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from ptengine.tools.gpu_check import Environment, environment_problem
 from ptengine.tools.gpu_check_table import FAIL, PASS, SKIPPED, Table, Verdict, finish, skipped, verdict
 

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
+
 from ptengine.config import load_config
 from ptengine.datasets import DatasetError, build_datasets
 from ptengine.datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD, build_image_folder
-from torch.utils.data import DataLoader
 
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255)}  # one plain colour per class, so resizing keeps it exact
 SIZES = [(20, 20), (40, 24), (9, 13)]  # different sizes and aspect ratios: every image is resized

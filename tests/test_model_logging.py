@@ -33,14 +33,14 @@ from conftest import isolated_training
 from fault_utils import empty_store
 from mlflow.entities import LoggedModelStatus
 from PIL import Image
+
+from engine.checkpoint import load_file
+from engine.run import RUN_ID_FILE
 from ptengine.config import load_config
 from ptengine.datasets import build_datasets
 from ptengine.networks import build_model
 from ptengine.tools.build import build_data
 from ptengine.tools.train_net import main
-
-from engine.checkpoint import load_file
-from engine.run import RUN_ID_FILE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")

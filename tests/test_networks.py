@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch import nn
+
 from ptengine.config import ConfigError, load_config
 from ptengine.networks import MODEL_REGISTRY, build_model
-from torch import nn
 
 
 def model_for(*opts) -> nn.Module:

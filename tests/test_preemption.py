@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from fault_utils import runs_of
-from ptengine.tools.train_net import main
 
 from engine import HookBase
+from ptengine.tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_TRAIN = REPO / "tools" / "slurm_train.sh"

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from conftest import DIGITS_CONFIG, isolated_training
 from fault_utils import empty_store, load_weights, metric_history, runs_of, sqlite_uri
+from torch import nn
+
+from engine.ema import ModelEMA
+from engine.hooks import HookBase
 from ptengine.config import ConfigError, load_config
 from ptengine.config.resume import check_resume_config
 from ptengine.datasets.mixing import BatchMixing, mixing_group_size
 from ptengine.networks import build_model
 from ptengine.tools.build import check_names
 from ptengine.tools.train_net import main
-from torch import nn
-
-from engine.ema import ModelEMA
-from engine.hooks import HookBase
 
 RECIPE = ["TRAIN.EMA_DECAY", "0.99", "TRAIN.LABEL_SMOOTHING", "0.1", "TRAIN.MIXUP_ALPHA", "0.2",
           "TRAIN.CUTMIX_ALPHA", "1.0"]

@@ -17,16 +17,16 @@ import sys
 from pathlib import Path
 
 import mlflow
-import ptengine.tools.run_record
 import pytest
 import torch
 from conftest import isolated_training
 from fault_utils import empty_store
+
+import ptengine.tools.run_record
+from engine.run import RUN_ID_FILE, RunFolder, start_tracker
 from ptengine.config import load_config
 from ptengine.tools.build import build_run_record, make_tracker
 from ptengine.tools.run_record import git_diff
-
-from engine.run import RUN_ID_FILE, RunFolder, start_tracker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"

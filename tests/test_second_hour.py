@@ -17,14 +17,14 @@ import pytest
 import torch
 from fault_utils import DIGITS_CONFIG, PYTHON, process_env
 from PIL import Image
+
+from engine import EpochTimer, HookBase, MetricWriter, ProgressBar, Trainer
+from engine.pace import RunPace
 from ptengine.config import load_config
 from ptengine.datasets.base import TensorSplit
 from ptengine.datasets.batches import InMemoryBatches
 from ptengine.datasets.transforms import BatchTransform, ToTensor
 from ptengine.tools.train_net import main
-
-from engine import EpochTimer, HookBase, MetricWriter, ProgressBar, Trainer
-from engine.pace import RunPace
 from tests.test_first_hour import screen_lines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -36,6 +36,7 @@ from fault_utils import (
     wait_for,
     wait_for_log,
 )
+
 from ptengine.tools.train_net import python_command
 
 A_VERY_LONG_STEP = 120.0  # seconds: a second Ctrl+C must not wait for it

@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from ptengine.config import ConfigError, load_config
 from ptengine.solvers import build_lr_scheduler, build_optimizer
-from torch import nn
 
 ITERS_PER_EPOCH = 4
 

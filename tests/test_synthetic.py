@@ -1,6 +1,7 @@
 """Synthetic noise images: sized by the config and fully determined by SEED."""
 
 import torch
+
 from ptengine.config import load_config
 from ptengine.datasets import build_datasets
 from ptengine.datasets.base import channel_stats

@@ -5,13 +5,13 @@ Every test drives a real ``Trainer`` over a real ``InMemoryBatches`` source with
 
 import pytest
 import torch
-from ptengine.datasets.base import TensorSplit
-from ptengine.datasets.batches import InMemoryBatches
-from ptengine.datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 from torch import nn
 
 from engine import Checkpointer, HookBase, LRScheduler, MetricWriter, PeriodicCheckpointer, Trainer
 from engine.checkpoint import load_file, save_file
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 
 NUM_CLASSES = 3
 

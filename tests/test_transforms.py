@@ -5,6 +5,7 @@ A transform is called as ``transform(images uint8 [B, C, H, W], sample indices [
 
 import pytest
 import torch
+
 from ptengine.config import ConfigError
 from ptengine.datasets.transforms import (
     PAD,

@@ -56,6 +56,11 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from engine.checkpoint import Checkpointer  # noqa: E402
+from engine.distributed import select_device  # noqa: E402
+from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  # noqa: E402
+from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
 from ptengine.config import ConfigError, load_config  # noqa: E402
 from ptengine.datasets import build_datasets  # noqa: E402
 from ptengine.datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -68,11 +73,6 @@ from ptengine.tools.build import (  # noqa: E402
     build_trainer,
     make_tracker,
 )
-
-from engine.checkpoint import Checkpointer  # noqa: E402
-from engine.distributed import select_device  # noqa: E402
-from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  # noqa: E402
-from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
 
 MODES = ("bare", "engine", "engine_no_mlflow", "engine_augment", "engine_recipe", "dataloader", "torchvision_folder")
 TINY_MODES = ("tiny_bare", "tiny_engine", "tiny_engine_no_mlflow")

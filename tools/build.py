@@ -14,16 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ptengine.config import ConfigError, flatten_config
-from ptengine.datasets import DatasetSplits, TensorSplit, build_datasets
-from ptengine.datasets.batches import build_batches
-from ptengine.datasets.mixing import build_mixing
-from ptengine.datasets.transforms import build_transform
-from ptengine.datasets.user_data import LoaderAsIs, splits_from_objects
-from ptengine.networks import build_model
-from ptengine.solvers import build_lr_scheduler, build_optimizer
-from ptengine.tools.dataset_inputs import DatasetInputs
-from ptengine.tools.run_record import collect_run_record, git_diff, installed_packages
 from torch.utils.data import DataLoader
 
 from engine import hooks as engine_hooks
@@ -38,6 +28,16 @@ from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord
 from engine.tracking import MLflowTracker, ModelCard, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
+from ptengine.config import ConfigError, flatten_config
+from ptengine.datasets import DatasetSplits, TensorSplit, build_datasets
+from ptengine.datasets.batches import build_batches
+from ptengine.datasets.mixing import build_mixing
+from ptengine.datasets.transforms import build_transform
+from ptengine.datasets.user_data import LoaderAsIs, splits_from_objects
+from ptengine.networks import build_model
+from ptengine.solvers import build_lr_scheduler, build_optimizer
+from ptengine.tools.dataset_inputs import DatasetInputs
+from ptengine.tools.run_record import collect_run_record, git_diff, installed_packages
 
 logger = logging.getLogger("engine")
 

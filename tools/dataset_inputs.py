@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
 from ptengine.datasets import TensorSplit
 
 CONTEXTS = {"train": "training", "val": "validation", "test": "test"}

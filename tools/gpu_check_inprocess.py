@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from ptengine.tools.gpu_check_runs import PYTHON, REPO, Finished, Workspace, child_env
 from ptengine.tools.gpu_check_table import Verdict, verdict
 

@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import torch
+
 from ptengine.tools.gpu_check_inprocess import (
     FOLDER_TRAIN_IMAGES,
     compare_folder_and_memory_batches,

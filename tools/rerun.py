@@ -4,10 +4,9 @@ import contextlib
 import os
 import tempfile
 
+from engine.tracking import make_client, resolve_tracking_uri
 from ptengine.config import ConfigError, load_config
 from ptengine.config.setup import fill_derived_defaults, merge_opts, validate_config
-
-from engine.tracking import make_client, resolve_tracking_uri
 
 
 def rerun_config(run_id: str, opts: list[str]):

@@ -29,10 +29,9 @@ EXIT_INTERRUPTED = 130
 
 def user_errors() -> tuple:
     """Mistakes a user can make: printed as one line, exit code 2, no traceback (unless --debug)."""
+    from engine.checkpoint import CheckpointError
     from ptengine.config import ConfigError
     from ptengine.datasets import DatasetError
-
-    from engine.checkpoint import CheckpointError
 
     return ConfigError, DatasetError, CheckpointError, FloatingPointError
 
@@ -71,10 +70,9 @@ def main(argv=None, hooks=(), loss=None) -> int:
     targets)``, summed over the batch, replaces cross-entropy for training. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from ptengine.tools import build
-
     from engine import Runner
     from engine.distributed import is_main_process
+    from ptengine.tools import build
 
     runner = None
     try:
