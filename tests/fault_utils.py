@@ -106,6 +106,17 @@ def empty_store(folder) -> str:
     return sqlite_uri(folder)
 
 
+def stand_ins(folder: Path, names=("datasets", "config", "tools")) -> Path:
+    """A folder of packages named like three of the project's folders (Hugging Face's ``datasets`` and others), as
+    another library would install them: put it on PYTHONPATH to check the project neither shadows them nor
+    trips over them."""
+    site = Path(folder) / "site"
+    for name in names:
+        (site / name).mkdir(parents=True, exist_ok=True)
+        (site / name / "__init__.py").write_text("STAND_IN = True\n")
+    return site
+
+
 def process_env(**extra) -> dict:
     """The environment of a user's shell, minus any MLflow settings of ours, with one thread per process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW", "_MLFLOW", "FAULT_"))}

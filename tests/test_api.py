@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_utils import empty_store, metric_history, process_env, runs_of
+from fault_utils import empty_store, metric_history, process_env, runs_of, stand_ins
 
 import ptengine
 from engine import HookBase, RunResult
@@ -115,15 +115,29 @@ def test_runs_from_one_process_are_distinct_mlflow_runs_and_ctrl_c_resumes_bit_f
     assert "lowest" in checkpoint["hooks"]["lowest_loss"]
 
 
-def test_the_example_trains_from_a_folder_outside_the_repository(tmp_path):
-    """As a user runs it after `pip install -e .`: the project found by its installed names, not the cwd."""
+BESIDE_STAND_INS = """
+import sys
+import datasets, config, tools                      # other packages of those names (tests/fault_utils.stand_ins)
+import own_model_and_data
+code = own_model_and_data.main(sys.argv[1:])
+assert all(getattr(module, "STAND_IN", False) for module in (datasets, config, tools))
+assert sys.modules["datasets"] is datasets and sys.modules["config"] is config and sys.modules["tools"] is tools
+sys.exit(code)
+"""
+
+
+def test_the_example_trains_from_a_folder_outside_the_repository_beside_packages_of_its_folders_names(tmp_path):
+    """As a user runs it after `pip install -e .`: the project found by its installed names, not the cwd, and
+    packages named datasets, config and tools installed beside it neither shadowed nor in the way."""
     outside = tmp_path / "my_project"
     outside.mkdir()
     (outside / "own_model_and_data.py").write_text(EXAMPLE.read_text())
+    (outside / "beside_stand_ins.py").write_text(BESIDE_STAND_INS)
     tracking_uri = empty_store(tmp_path / "store")
-    done = subprocess.run([sys.executable, "own_model_and_data.py", "--output-dir", "runs/shapes", "--epochs", "1",
-                           "--tracking-uri", tracking_uri], cwd=outside, env=process_env(PYTHONPATH=""),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "beside_stand_ins.py", "--output-dir", "runs/shapes", "--epochs", "1",
+                           "--tracking-uri", tracking_uri], cwd=outside,
+                          env=process_env(PYTHONPATH=stand_ins(tmp_path)), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FINISHED: val_acc1" in done.stdout
     (run,) = runs_of(tracking_uri, experiment="shapes")
@@ -133,6 +147,7 @@ def test_the_example_trains_from_a_folder_outside_the_repository(tmp_path):
 
 
 def test_a_model_registered_in_a_file_of_yours_trains_from_the_command_line(tmp_path):
+    """... beside packages named datasets, config and tools, too."""
     tracking_uri = empty_store(tmp_path / "store")
     output_dir = tmp_path / "output"
     done = subprocess.run(
@@ -140,7 +155,7 @@ def test_a_model_registered_in_a_file_of_yours_trains_from_the_command_line(tmp_
          "--config-file", str(REPO_ROOT / "config" / "digits.yaml"), "TRAIN.MODEL_TYPE", "shapes_net",
          "TRAIN.MAX_EPOCHS", "1", "OUTPUT_DIR", str(output_dir), "MLFLOW.TRACKING_URI", tracking_uri,
          "MLFLOW.LOG_MODEL", "False", "MLFLOW.SYSTEM_METRICS", "False"],
-        cwd=tmp_path, env=process_env(), capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=process_env(PYTHONPATH=stand_ins(tmp_path)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     saved_config = ptengine.load_config(str(output_dir / "config.yaml"))
     assert saved_config.TRAIN.MODEL_TYPE == "shapes_net"
