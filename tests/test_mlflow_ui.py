@@ -246,7 +246,7 @@ def test_the_ui_serves_a_training_run_through_the_rest_api_on_localhost_only(tmp
         artifacts = api(port, f"artifacts/list?run_id={run['info']['run_id']}")["files"]
         assert "config.yaml" in {artifact["path"] for artifact in artifacts}
         # It prints where the run is read (the runs list, a route of MLflow 3's UI), and no warning of MLflow's.
-        runs_url = f"runs of experiment 'digits': http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs"
+        runs_url = f"runs of experiment 'digits': http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
         wait_for(lambda: runs_url in (tmp_path / "ui.log").read_text(), "the runs list's address", timeout=60)
         assert "Warning" not in (tmp_path / "ui.log").read_text()
     finally:

@@ -1,11 +1,14 @@
-"""Print where the MLflow UI shows the newest run's experiment: ``http://127.0.0.1:PORT/#/experiments/<id>/runs``.
+"""Print where the MLflow UI shows the newest run's experiment's runs:
+``http://127.0.0.1:PORT/#/experiments/<id>/runs?workflowType=machine_learning``.
 
     python tools/mlflow_ui_runs_url.py PORT
 
 Started in the background by ``tools/mlflow_ui.sh`` just before the script becomes the server: it waits until
 the server answers, asks its REST API (the standard library is enough) which experiment holds the newest run, and
 prints the address of that experiment's runs list, the page a training run is read on. MLflow 3's UI otherwise
-opens a new experiment on its GenAI pages. It gives up quietly when the server never comes up or goes away.
+opens a new experiment on its GenAI pages; ``workflowType=machine_learning`` is what its "GenAI / Model training"
+switch sets (MLflow 3.17's UI reads it from the address: its runs list, models and traces, seen in headless
+Chromium). It gives up quietly when the server never comes up or goes away.
 """
 
 import json
@@ -14,6 +17,7 @@ import sys
 import time
 import urllib.request
 
+ML = "?workflowType=machine_learning"  # the UI's "Model training" side, not GenAI's
 WAIT_S = 120  # the server's start, imports and schema migrations included, on a slow machine
 
 
@@ -56,9 +60,9 @@ def main(port: str) -> int:
     except (OSError, ValueError, KeyError, StopIteration):
         return 0  # the UI works without this line
     if experiment is None:
-        print(f"no runs yet; after a training, its runs are at {base}/#/experiments/<id>/runs", file=sys.stderr)
+        print(f"no runs yet; after a training, its runs are at {base}/#/experiments/<id>/runs{ML}", file=sys.stderr)
     else:
-        print(f"runs of experiment '{experiment['name']}': {base}/#/experiments/{experiment['experiment_id']}/runs",
+        print(f"runs of experiment '{experiment['name']}': {base}/#/experiments/{experiment['experiment_id']}/runs{ML}",
               file=sys.stderr)
     return 0
 
