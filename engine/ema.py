@@ -1,7 +1,8 @@
 """Exponential moving average (EMA) of the weights, updated after every optimizer step, and its hook.
 
 The EMA's module is what evaluation, ``model_best.pth``, ``model_final.pth`` and the logged model use when
-``TRAIN.EMA_DECAY`` is on (tools/build.py wires it). Its state (weights and update count) is saved in every
+``TRAIN.EMA_DECAY`` is on: ``FinalWeights`` is the one place that decides it, for all of them. Its state
+(weights and update count) is saved in every
 checkpoint through ``EMAHook.state_dict``, so a resumed run continues the same average.
 """
 
@@ -10,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from engine.distributed import module_to_evaluate, unwrapped
 from engine.hooks import HookBase
 
 
@@ -73,3 +75,30 @@ class EMAHook(HookBase):
 
     def load_state_dict(self, state):
         self.ema.load_state_dict(state)
+
+
+class FinalWeights:
+    """Which weights a run evaluates, saves as model_best.pth and model_final.pth, tests and logs: the moving
+    average's with ``ema``, else the trained model's. Every consumer asks this one object."""
+
+    def __init__(self, model: nn.Module, ema: ModelEMA | None = None):
+        self.model, self.ema = model, ema
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain module of those weights (no DDP or DataParallel wrapper, not compiled): saved and logged."""
+        return self.ema.module if self.ema is not None else unwrapped(self.model)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """What evaluates them (DataParallel kept: it splits the batch over the GPUs; never compiled)."""
+        return self.ema.module if self.ema is not None else module_to_evaluate(self.model)
+
+    @property
+    def trained(self) -> nn.Module:
+        """The trained weights' plain module (with EMA: evaluated beside the average, as val_*_raw)."""
+        return module_to_evaluate(self.model)
+
+    def hooks(self) -> list[HookBase]:
+        """What keeps them current: the EMA's update after every step (first of all hooks), or nothing."""
+        return [EMAHook(self.ema)] if self.ema is not None else []

@@ -185,12 +185,12 @@ class Runner:
         builder = self.builder
         data = builder.build_data(cfg, device, **self._data_objects())
         model = builder.build_model_for_training(cfg, device, num_gpus, model=self.model)
-        ema = builder.build_ema(cfg, model)  # TRAIN.EMA_DECAY: evaluated and saved instead of the raw weights
+        weights = builder.build_weights(cfg, model)  # evaluated, saved and logged: the EMA's or the model's
         built["trainer"] = trainer = builder.build_trainer(cfg, model, data, device, tracker, checkpointer,
-                                                           self.hooks, self.loss, ema, optimizer=self.optimizer)
+                                                           self.hooks, self.loss, weights, optimizer=self.optimizer)
         record = builder.build_run_record(cfg, device, num_gpus, data, tracker, self.tags)
-        final = builder.build_final_steps(cfg, data, ema.module if ema is not None else trainer.unwrapped_model,
-                                          device, dataset_inputs=next(iter(record.background), None))
+        final = builder.build_final_steps(cfg, data, weights.module, device,
+                                          dataset_inputs=next(iter(record.background), None))
         return TrainingRun(trainer, checkpointer, tracker, record, final)
 
     def _result(self, folder: RunFolder, run: TrainingRun) -> RunResult:

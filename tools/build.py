@@ -20,7 +20,7 @@ from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
 from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
-from engine.ema import EMAHook, ModelEMA
+from engine.ema import EMAHook, FinalWeights, ModelEMA
 from engine.eval_report import PerClassAccuracyReport
 from engine.evaluation import evaluate
 from engine.pace import RunPace
@@ -162,12 +162,11 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                               f"'{model.__class__.__name__}': {detail}") from None
 
 
-def build_ema(cfg, model) -> ModelEMA | None:
-    """The moving average of ``model``'s weights with ``TRAIN.EMA_DECAY`` (None when 0); hand it to
-    ``build_trainer`` and use its ``module`` as the trained model (model_final.pth, test, the logged model)."""
-    if cfg.TRAIN.EMA_DECAY == 0:
-        return None
-    return ModelEMA(unwrapped(model), cfg.TRAIN.EMA_DECAY)
+def build_weights(cfg, model) -> FinalWeights:
+    """The weights the run evaluates, saves and logs: a moving average of ``model``'s with ``TRAIN.EMA_DECAY``,
+    else ``model``'s own. Hand it to ``build_trainer`` and ``build_final_steps``."""
+    ema = ModelEMA(unwrapped(model), cfg.TRAIN.EMA_DECAY) if cfg.TRAIN.EMA_DECAY else None
+    return FinalWeights(model, ema)
 
 
 def build_loss(cfg):
@@ -176,16 +175,15 @@ def build_loss(cfg):
     return functools.partial(F.cross_entropy, reduction="sum", label_smoothing=cfg.TRAIN.LABEL_SMOOTHING)
 
 
-def build_evaluation(cfg, model, data: Data, device, ema: ModelEMA | None = None):
-    """``evaluate() -> results`` on the validation split: of the EMA weights with ``ema``, plus the raw weights'
+def build_evaluation(cfg, weights: FinalWeights, data: Data, device):
+    """``evaluate() -> results`` on the validation split, of ``weights.evaluated``; with EMA also the trained weights'
     ``loss_raw`` and ``acc1_raw`` (logged as val_loss_raw, val_acc1_raw)."""
     num_classes, amp, amp_dtype = len(cfg.DATA.CLASSES), cfg.TRAIN.AMP, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]
-    raw_model = module_to_evaluate(model)
 
     def evaluate_models() -> dict:
-        results = evaluate(ema.module if ema else raw_model, data.val, num_classes, device, amp, amp_dtype)
-        if ema is not None:
-            raw = evaluate(raw_model, data.val, num_classes, device, amp, amp_dtype)
+        results = evaluate(weights.evaluated, data.val, num_classes, device, amp, amp_dtype)
+        if weights.ema is not None:
+            raw = evaluate(weights.trained, data.val, num_classes, device, amp, amp_dtype)
             results.update(loss_raw=raw["loss"], acc1_raw=raw["acc1"])
         return results
 
@@ -193,30 +191,31 @@ def build_evaluation(cfg, model, data: Data, device, ema: ModelEMA | None = None
 
 
 def build_trainer(cfg, model, data: Data, device, tracker=None, checkpointer=None, extra_hooks=(),
-                  loss=None, ema: ModelEMA | None = None, optimizer=None) -> Trainer:
+                  loss=None, weights: FinalWeights | None = None, optimizer=None) -> Trainer:
     """The trainer with the built-in hooks, in the order they must run (see engine/hooks.py).
 
     ``extra_hooks`` (your HookBase subclasses) run after the metric writer and before the checkpointers, so a
     checkpoint holds their state as of the same step. ``tracker`` (an MLflowTracker, or None on other ranks)
     receives the metrics; ``checkpointer`` (None = no checkpoints) saves the state. ``loss``: yours, or
-    cross-entropy with ``TRAIN.LABEL_SMOOTHING``. ``ema`` (``build_ema``) is updated after every step,
-    evaluated, and saved as model_best.pth. ``optimizer``: a torch optimizer of ``model``'s parameters, or a
-    function ``model -> optimizer``; default: TRAIN.OPTIMIZER_TYPE.
+    cross-entropy with ``TRAIN.LABEL_SMOOTHING``. ``weights`` (``build_weights``, default: ``model``'s own) are
+    kept current, evaluated, and saved as model_best.pth. ``optimizer``: a torch optimizer of ``model``'s
+    parameters, or a function ``model -> optimizer``; default: TRAIN.OPTIMIZER_TYPE.
     """
     optimizer = _optimizer_for(cfg, model, optimizer)
+    weights = weights or FinalWeights(model)
     iters_per_epoch = -(-len(data.train) // cfg.TRAIN.ACCUM_STEPS)
     pace = RunPace()  # one ETA: measured by the epoch timer, shown by the console lines and the bar
     hooks = [
-        *([EMAHook(ema)] if ema is not None else []),  # first: every other hook sees the average of this step
+        *weights.hooks(),  # first: every other hook sees the weights of this step (the EMA's update)
         engine_hooks.LRScheduler(build_lr_scheduler(cfg, optimizer, iters_per_epoch)),
         engine_hooks.EpochTimer(len(data.splits.train), pace),
-        engine_hooks.EvalHook(build_evaluation(cfg, model, data, device, ema), cfg.EVAL.PERIOD),
+        engine_hooks.EvalHook(build_evaluation(cfg, weights, data, device), cfg.EVAL.PERIOD),
         *([PerClassAccuracyReport(tracker, cfg.DATA.CLASSES)] if tracker is not None else []),
         engine_hooks.MetricWriter(tracker, cfg.LOG.PERIOD, pace),
         *extra_hooks,
     ]
     if checkpointer is not None:
-        hooks += [engine_hooks.BestCheckpointer(checkpointer, model=ema.module if ema is not None else None),
+        hooks += [engine_hooks.BestCheckpointer(checkpointer, model=weights.module),
                   engine_hooks.PeriodicCheckpointer(checkpointer, cfg.CHECKPOINT.PERIOD,
                                                     before_write=tracker.save_pending if tracker else None)]
     hooks.append(engine_hooks.ProgressBar(enabled=cfg.LOG.PROGRESS_BAR and get_rank() == 0, pace=pace))
