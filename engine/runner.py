@@ -153,19 +153,19 @@ class Runner:
                     raise
 
     def _build_and_run(self, cfg, folder, checkpointer, resume, device, num_gpus) -> RunResult:
-        builder, built = self.builder, {}
+        # First, so that its delivery process imports MLflow while the run is being built (the store is untouched
+        # until the run starts: a run refused before that leaves no trace in it).
+        kind = "rerun" if "rerun_of" in self.tags else ""  # the start of the run's name
+        tracker = run = None
         try:
-            # First, so that its delivery process imports MLflow while the run is being built (the store is
-            # untouched until the run starts: a run refused before that leaves no trace in it).
-            kind = "rerun" if "rerun_of" in self.tags else ""  # the start of the run's name
-            built["tracker"] = tracker = builder.make_tracker(cfg, folder, kind) if is_main_process() else None
+            tracker = self.builder.make_tracker(cfg, folder, kind) if is_main_process() else None
             resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
                 if resume else None
             folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
             configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
             if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
                 logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 (bfloat16 runs on the CPU)")
-            run = self._build(cfg, folder, checkpointer, tracker, device, num_gpus, built)
+            run = self._build(cfg, checkpointer, tracker, device, num_gpus)
             previous_run = folder.previous_run_id(resumed) if resume else None  # a fresh run never re-attaches
             try:
                 run.run(resumed, previous_run)
@@ -175,19 +175,18 @@ class Runner:
         except TrainingInterrupted:
             raise
         except BaseException:
-            trainer = built.get("trainer")
-            folder.discard_if_unused(started=trainer is not None and trainer.iter > 0)
-            if built.get("tracker") is not None:  # ended already if the run started; else its process ends here
-                built["tracker"].close()
+            folder.discard_if_unused(started=run is not None and run.trainer.iter > 0)
+            if tracker is not None:  # ended already if the run started; else its process ends here
+                tracker.close()
             raise
 
-    def _build(self, cfg, folder, checkpointer, tracker, device, num_gpus, built) -> TrainingRun:
+    def _build(self, cfg, checkpointer, tracker, device, num_gpus) -> TrainingRun:
         builder = self.builder
         data = builder.build_data(cfg, device, **self._data_objects())
         model = builder.build_model_for_training(cfg, device, num_gpus, model=self.model)
         weights = builder.build_weights(cfg, model)  # evaluated, saved and logged: the EMA's or the model's
-        built["trainer"] = trainer = builder.build_trainer(cfg, model, data, device, tracker, checkpointer,
-                                                           self.hooks, self.loss, weights, optimizer=self.optimizer)
+        trainer = builder.build_trainer(cfg, model, data, device, tracker, checkpointer, self.hooks, self.loss,
+                                        weights, optimizer=self.optimizer)
         record = builder.build_run_record(cfg, device, num_gpus, data, tracker, self.tags)
         final = builder.build_final_steps(cfg, data, weights.module, device,
                                           dataset_inputs=next(iter(record.background), None))
