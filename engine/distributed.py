@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from config import ConfigError
 from engine.compile import uncompiled
+from ptengine.config import ConfigError
 
 logger = logging.getLogger("engine")
 

@@ -17,7 +17,7 @@ import pytest
 from fault_utils import runs_of
 
 from engine import HookBase
-from tools.train_net import main
+from ptengine.tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_TRAIN = REPO / "tools" / "slurm_train.sh"

@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import load_config  # noqa: E402
-from datasets import build_datasets  # noqa: E402
 from engine.tracking import MLflowTracker  # noqa: E402
-from networks import build_model  # noqa: E402
+from ptengine.config import load_config  # noqa: E402
+from ptengine.datasets import build_datasets  # noqa: E402
+from ptengine.networks import build_model  # noqa: E402
 
 MODES = ("bare", "engine_process", "mlflow_async", "mlflow_async_batch")
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "digits.yaml"
