@@ -1,13 +1,13 @@
 """The MLflow side of ``engine.tracking.MLflowTracker``: it runs in a child process of the training.
 
-MLflow's SQLAlchemy store spends about 80 µs of Python per metric record in ``log_batch``
-(``engine.mlflow_sqlite`` cuts that to about 7 µs for a SQLite store); in the training process that time would
-be taken from the step (the GIL) by a delivery thread. Here it runs in its own process, on its own core when
-there is one. ``serve`` is that process's main loop: it receives the tracker's messages over a pipe, delivers
-the items in order through ``DeliveryQueue`` (retrying while the store is down), and answers with how many items
-it has delivered so far, the run id once the run exists, and its log lines. It ignores SIGINT, SIGTERM and
-SIGUSR1 (the training decides when to stop) and exits when the pipe closes: when the training ends, or is
-killed.
+MLflow's SQLAlchemy store spends about 80 µs of Python per metric record in ``log_batch``; in the training
+process that time would be taken from the step (the GIL) by a delivery thread, as MLflow's own asynchronous
+logging does (``tools/bench_mlflow_logging.py`` measures both). Here it runs in its own process, on its own core
+when there is one, and writes only through ``MlflowClient``'s public calls. ``serve`` is that process's main
+loop: it receives the tracker's messages over a pipe, delivers the items in order through ``DeliveryQueue``
+(retrying while the store is down), and answers with how many items it has delivered so far, the run id once
+the run exists, and its log lines. It ignores SIGINT, SIGTERM and SIGUSR1 (the training decides when to stop)
+and exits when the pipe closes: when the training ends, or is killed.
 
 This module imports only the standard library and MLflow (never torch), so the process starts quickly.
 """
@@ -26,9 +26,6 @@ from pathlib import Path
 logger = logging.getLogger("engine.mlflow")
 
 MAX_METRICS_PER_REQUEST = 1000  # MLflow's log_batch limit
-# With the SQLite bulk path only each metric's newest record goes through log_batch: a request can hold more, and
-# its fixed cost (MLflow's run check and commit, about 8 ms of CPU) is shared by more records.
-MAX_METRICS_PER_BULK_REQUEST = 20_000
 MAX_PARAMS_PER_REQUEST = 100
 # MLflow 3's UI opens an experiment on its GenAI pages (traces overview) unless this experiment tag says it is
 # for training models: then it opens on the runs. The values are those of the UI's experiment-kind selector.
@@ -112,13 +109,6 @@ class RunDelivery:
         self.run_id, self._params, self._tags = run_id, dict(params), dict(tags)
         self.on_run_id = on_run_id
         self._logged_steps: dict[str, int] = {}  # per metric: last step already in the run (after a resume)
-        self._history = None  # SQLite stores: the bulk path for all but each metric's newest record
-        self.max_metrics_per_request = MAX_METRICS_PER_REQUEST
-        if sqlite_path(tracking_uri) is not None:
-            from engine.mlflow_sqlite import SqliteMetricHistory
-
-            self._history = SqliteMetricHistory(tracking_uri)
-            self.max_metrics_per_request = MAX_METRICS_PER_BULK_REQUEST
         self.before_delivery = None  # called before each request: a seam for tests that need a slow store
 
     @property
@@ -157,12 +147,6 @@ class RunDelivery:
                    if step > self._logged_steps.get(name, -1)]
         if not records:
             return
-        if self._history is not None:
-            from engine.mlflow_sqlite import split_newest
-
-            history, records = split_newest(records)
-            if history:
-                self._history.insert(self.run_id, history)
         metrics = [Metric(name, value, timestamp, step) for name, value, step, timestamp in records]
         self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
         for name, _, step, _ in records:  # a re-queued copy of a delivered step (after a resume) is skipped too
@@ -416,8 +400,7 @@ class DeliveryServer:
     def _start(self, **run) -> None:
         early = self._client if self._client is not None and self._client.tracking_uri == run["tracking_uri"] else None
         self.run = RunDelivery(**run, on_run_id=self._on_run_id, client=early)
-        self.queue = DeliveryQueue(self.run.deliver, on_delivered=lambda count: self.tell("delivered", count),
-                                   max_metrics=self.run.max_metrics_per_request)
+        self.queue = DeliveryQueue(self.run.deliver, on_delivered=lambda count: self.tell("delivered", count))
         try:
             self.run.ensure_run()
             self.tell("started", self.run.run_id, None)

@@ -1,6 +1,8 @@
-"""Metrics delivered into a SQLite store through the bulk path (engine/mlflow_sqlite.py) read back exactly as
-if MLflow's own ``log_batch`` had written them: the same history per key, the same latest values, NaN and ±inf
-included, and no duplicate when a batch is delivered twice (a retry, or a resumed run re-sending its tail)."""
+"""The delivery process writes into MLflow only through ``MlflowClient`` (engine/mlflow_delivery.py): never into
+the store's tables behind MLflow's back. What it delivers reads back exactly as MLflow's own ``log_batch``
+writes it (the same history per key, the same latest values, NaN and ±inf included), and every value lands
+exactly once when a request is sent again: after an answer lost on the way back, or by a resumed run that
+re-sends its tail with new timestamps."""
 
 import math
 
@@ -13,7 +15,7 @@ ITEMS = [("metric", key, value, step, 1_700_000_000_000 + step)
          for step, values in enumerate([(2.5, 0.1), (float("nan"), 0.1), (float("inf"), 0.09), (1.5, 0.08),
                                         (-float("inf"), 0.08), (0.7, 0.07)])
          for key, value in zip(("train_loss", "lr"), values, strict=True)]
-ITEMS.append(("metric", "val_acc1", 0.5, 3, 1_700_000_000_003))  # a key with one record: only the newest path
+ITEMS.append(("metric", "val_acc1", 0.5, 3, 1_700_000_000_003))
 
 
 def readable(value: float) -> str:
@@ -38,8 +40,9 @@ def mlflow_reference(tmp_path) -> tuple:
     return store_contents(uri, run_id)
 
 
-class FailsOnce:
-    """An MLflow client whose first metric ``log_batch`` fails, after the bulk history was written."""
+class AnswerLostOnce:
+    """An MLflow client whose first metric ``log_batch`` reaches the store and then fails, as a request whose
+    answer is lost on the way back (a timeout, a dropped connection)."""
 
     def __init__(self, client):
         self.client, self.failed = client, False
@@ -48,23 +51,28 @@ class FailsOnce:
         return getattr(self.client, name)
 
     def log_batch(self, run_id, metrics=(), **kwargs):
+        result = self.client.log_batch(run_id, metrics=metrics, **kwargs)
         if metrics and not self.failed:
             self.failed = True
-            raise ConnectionError("connection refused")
-        return self.client.log_batch(run_id, metrics=metrics, **kwargs)
+            raise ConnectionError("read timed out")
+        return result
 
 
-def test_bulk_history_reads_back_as_mlflow_writes_it(tmp_path):
-    uri = empty_store(tmp_path / "bulk")
-    delivery = RunDelivery(uri, "bulk", "run", params={}, tags={}, run_id=None)
+def test_every_write_goes_through_the_mlflow_client(tmp_path):
+    # The URI names one store and the client another: whatever reaches the URI's store went around the client.
+    bypassed_uri, client_uri = empty_store(tmp_path / "bypassed"), empty_store(tmp_path / "client")
+    bypassed_bytes = (tmp_path / "bypassed" / "mlflow.db").read_bytes()
+    delivery = RunDelivery(bypassed_uri, "public", "run", params={"lr": 0.1}, tags={}, run_id=None,
+                           client=mlflow_client(client_uri))
     delivery.deliver(ITEMS[:7])
     delivery.deliver(ITEMS[7:])
-    assert store_contents(uri, delivery.run_id) == mlflow_reference(tmp_path)
+    assert store_contents(client_uri, delivery.run_id) == mlflow_reference(tmp_path)
+    assert (tmp_path / "bypassed" / "mlflow.db").read_bytes() == bypassed_bytes
 
 
-def test_a_batch_that_fails_halfway_and_is_delivered_again_leaves_no_duplicate(tmp_path):
+def test_a_request_sent_again_leaves_every_value_exactly_once(tmp_path):
     uri = empty_store(tmp_path / "retried")
-    client = FailsOnce(mlflow_client(uri))
+    client = AnswerLostOnce(mlflow_client(uri))
     delivery = RunDelivery(uri, "retried", "run", params={}, tags={}, run_id=None, client=client)
     try:
         delivery.deliver(ITEMS)
@@ -72,6 +80,7 @@ def test_a_batch_that_fails_halfway_and_is_delivered_again_leaves_no_duplicate(t
         pass
     assert client.failed
     delivery.deliver(ITEMS)  # what DeliveryQueue does after a failure
-    # and a resumed run re-attaching re-sends from its newest logged step on
-    RunDelivery(uri, "retried", "run", params={}, tags={}, run_id=delivery.run_id).deliver(ITEMS)
+    # A resumed run re-attaches and re-sends from its checkpoint on, logged again at a later time.
+    later = [(kind, name, value, step, timestamp + 60_000) for kind, name, value, step, timestamp in ITEMS[6:]]
+    RunDelivery(uri, "retried", "run", params={}, tags={}, run_id=delivery.run_id).deliver(later)
     assert store_contents(uri, delivery.run_id) == mlflow_reference(tmp_path)
