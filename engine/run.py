@@ -32,7 +32,7 @@ import torch
 
 from config import ConfigError
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
-from engine.distributed import broadcast_object, is_main_process
+from engine.distributed import all_gather_objects, broadcast_object, is_main_process
 from engine.evaluation import per_class_accuracy
 from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
 from engine.hooks import TrainingInterrupted
@@ -136,6 +136,11 @@ def find_resume_point(checkpointer: Checkpointer, check_config: Callable[[str, P
     """The newest checkpoint that loads, as ``(path, state)``, after ``check_config(saved_yaml, path)`` accepted
     the config it was written with; None starts fresh (unreadable checkpoints are kept under another name)."""
     found = checkpointer.load_newest_valid()
+    chosen = all_gather_objects(found[0].name if found else None)
+    if len(set(chosen)) > 1:  # e.g. a node that sees another folder, or an older copy of it
+        raise CheckpointError(f"--resume: the ranks found different checkpoints in {checkpointer.output_dir} "
+                              f"({', '.join(f'rank {rank}: {name}' for rank, name in enumerate(chosen))}); "
+                              "give every node the same OUTPUT_DIR on a shared filesystem")
     if found is None:
         unreadable = checkpointer.set_aside_unreadable()
         if unreadable:

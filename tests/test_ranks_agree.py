@@ -1,0 +1,91 @@
+"""What the ranks of a DDP run must agree on, checked in two real processes joined by a Gloo group on the CPU:
+resuming a folder whose checkpoints cannot be read (rank 0 alone sets them aside; every rank then starts fresh).
+
+``on_two_ranks(function, *args)`` runs ``function(rank, *args)`` in two spawned processes of one Gloo group and
+returns what each returned (or raises what one raised), in rank order.
+"""
+
+import logging
+import pickle
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+from fault_utils import free_port
+
+from engine.checkpoint import Checkpointer, CheckpointError
+from engine.run import find_resume_point
+
+
+def _join_and_call(rank: int, port: int, results: Path, function, args) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        outcome = ("returned", function(rank, *args))
+    except Exception as error:
+        outcome = ("raised", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+    (results / f"rank{rank}.pickle").write_bytes(pickle.dumps(outcome))
+
+
+def on_two_ranks(tmp_path: Path, function, *args) -> list:
+    results = tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.start_processes(_join_and_call, args=(free_port(), results, function, args), nprocs=2,
+                                          start_method="spawn")
+    outcomes = [pickle.loads((results / f"rank{rank}.pickle").read_bytes()) for rank in (0, 1)]
+    failures = [f"rank {rank}: {value}" for rank, (kind, value) in enumerate(outcomes) if kind == "raised"]
+    assert not failures, "\n".join(failures)
+    return [value for _, value in outcomes]
+
+
+def _resume(rank: int, output_dir: Path) -> list[str]:
+    """What ``find_resume_point`` told this rank (its log lines), as tools/run.py calls it."""
+    told = []
+    handler = logging.Handler()
+    handler.emit = lambda record: told.append(record.getMessage())
+    logging.getLogger("engine").addHandler(handler)
+    checkpointer = Checkpointer(output_dir, enabled=rank == 0)  # rank 0 alone writes
+    assert find_resume_point(checkpointer, lambda saved, path: None) is None
+    return told
+
+
+def test_unreadable_checkpoints_are_set_aside_by_rank_0_alone_and_every_rank_starts_fresh(tmp_path):
+    output_dir = tmp_path / "output"
+    output_dir.mkdir()
+    damaged = {f"checkpoint_{iteration:08d}.pth": f"not a checkpoint {iteration}".encode() for iteration in range(8)}
+    for name, content in damaged.items():
+        (output_dir / name).write_bytes(content)
+    (output_dir / "last_checkpoint").write_text("checkpoint_00000007.pth")
+
+    told = on_two_ranks(tmp_path, _resume, output_dir)  # a rank renaming a file another renamed first fails
+
+    set_aside = f"none of the 8 checkpoints in {output_dir} could be read; they are kept as"
+    assert all(any(set_aside in line for line in lines) for lines in told), told  # every rank knows what happened
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(f"{name}.unreadable" for name in damaged)
+    for name, content in damaged.items():
+        assert (output_dir / f"{name}.unreadable").read_bytes() == content
+
+
+def _resume_from_own_folder(rank: int, folders: list[Path]) -> str:
+    try:
+        find_resume_point(Checkpointer(folders[rank], enabled=rank == 0), lambda saved, path: None)
+    except CheckpointError as error:
+        return str(error)
+    return "resumed"
+
+
+def test_ranks_that_find_different_checkpoints_all_stop_with_the_same_error(tmp_path):
+    folders = [tmp_path / "node0", tmp_path / "node1"]  # e.g. OUTPUT_DIR not on a shared filesystem
+    for folder in folders:
+        folder.mkdir()
+    torch.save({"iteration": 5}, folders[1] / "checkpoint_00000005.pth")
+
+    told = on_two_ranks(tmp_path, _resume_from_own_folder, folders)
+
+    for rank, message in enumerate(told):  # each names the folder it looked in
+        assert message.startswith(f"--resume: the ranks found different checkpoints in {folders[rank]} "), told
+        assert message.endswith("(rank 0: None, rank 1: checkpoint_00000005.pth); give every node the same "
+                                "OUTPUT_DIR on a shared filesystem"), told
