@@ -206,6 +206,20 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def broadcast_buffers(module: nn.Module, source: int = 0) -> None:
+    """Rank ``source``'s buffers (BatchNorm running statistics) in ``module`` on every rank, in place.
+
+    DDP broadcasts rank 0's buffers at the start of every training forward, but that forward then updates each
+    rank's statistics with its own share of the batch: without SyncBatchNorm the ranks end every step with
+    slightly different ones. An evaluation shared out over the ranks would then measure a blend of models, none
+    of them the one rank 0 saves (model_final.pth, model_best.pth, the checkpoints).
+    """
+    if not in_process_group():
+        return
+    for buffer in module.buffers():
+        torch.distributed.broadcast(buffer, src=source)
+
+
 def raise_on_every_rank(error: BaseException | None, as_type: type[Exception], source: int = 0) -> None:
     """Raise rank ``source``'s ``error`` (None: nothing) on every rank with the same message: ``source`` raises
     its own, the others an ``as_type`` of its message.

@@ -1,5 +1,6 @@
 """What the ranks of a DDP run must agree on, checked in two real processes joined by a Gloo group on the CPU:
-resuming a folder whose checkpoints cannot be read (rank 0 alone sets them aside; every rank then starts fresh).
+resuming a folder whose checkpoints cannot be read (rank 0 alone sets them aside; every rank then starts fresh),
+and the BatchNorm statistics an evaluation uses (rank 0's: those it saves).
 
 ``on_two_ranks(function, *args)`` runs ``function(rank, *args)`` in two spawned processes of one Gloo group and
 returns what each returned (or raises what one raised), in rank order.
@@ -10,12 +11,17 @@ import pickle
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from fault_utils import free_port
 
+from datasets.base import TensorSplit
+from datasets.batches import InMemoryBatches
+from datasets.transforms import BatchTransform, ToTensor
 from engine.checkpoint import Checkpointer, CheckpointError
+from engine.evaluation import evaluate
 from engine.run import find_resume_point
 
 
@@ -89,3 +95,38 @@ def test_ranks_that_find_different_checkpoints_all_stop_with_the_same_error(tmp_
         assert message.startswith(f"--resume: the ranks found different checkpoints in {folders[rank]} "), told
         assert message.endswith("(rank 0: None, rank 1: checkpoint_00000005.pth); give every node the same "
                                 "OUTPUT_DIR on a shared filesystem"), told
+
+
+def model_with_rank_statistics(rank: int) -> torch.nn.Module:
+    """The same weights on every rank, and BatchNorm statistics of each rank's own (as after a DDP step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(3))
+    model(torch.zeros(2, 3, 8, 8))  # materializes the lazy layer, and updates the statistics a first time
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5 * rank)
+        model[1].running_var.fill_(1.0 + rank)
+    return model
+
+
+def _evaluate_shared_out(rank: int, world_size: int = 2) -> tuple[dict, dict]:
+    model = model_with_rank_statistics(rank)
+    generator = torch.Generator().manual_seed(3)
+    split = TensorSplit(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=generator),
+                        torch.randint(0, 3, (40,), generator=generator))
+    batches = InMemoryBatches(split, 8, BatchTransform([ToTensor()]), "cpu", shuffle=False, seed=0, rank=rank,
+                              world_size=world_size)
+    results = evaluate(model, batches, 3, "cpu")
+    return {key: results[key] for key in ("loss", "acc1")}, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_ddp_ranks_evaluate_the_batchnorm_statistics_of_rank_0(tmp_path):
+    (results_0, state_0), (results_1, state_1) = on_two_ranks(tmp_path, _evaluate_shared_out)
+
+    saved_by_rank_0 = model_with_rank_statistics(0).state_dict()
+    for name, value in saved_by_rank_0.items():
+        assert torch.equal(state_0[name], value) and torch.equal(state_1[name], value), name
+    alone, _ = _evaluate_shared_out(0, world_size=1)  # one process, rank 0's model, every batch
+    assert results_0 == results_1
+    assert results_0["acc1"] == alone["acc1"]
+    assert results_0["loss"] == pytest.approx(alone["loss"], rel=1e-6)  # float32 sums of other batch shares
