@@ -12,6 +12,7 @@ from torch import nn
 
 from config import ConfigError
 from engine.compile import uncompiled
+from engine.precision import in_callers_autocast
 
 logger = logging.getLogger("engine")
 
@@ -93,8 +94,16 @@ def wrap_model(model: nn.Module, device: torch.device, num_gpus: int, backend: s
         logger.info(f"TRAIN.SYNC_BN applies under DDP only (torchrun ... TRAIN.DISTRIBUTED_BACKEND ddp); "
                     f"ignored with TRAIN.DISTRIBUTED_BACKEND {backend}")
     if backend == "dp" and num_gpus > 1:
-        return nn.DataParallel(model, device_ids=list(range(num_gpus)))
+        return AutocastDataParallel(model, device_ids=list(range(num_gpus)))
     return model
+
+
+class AutocastDataParallel(nn.DataParallel):
+    """DataParallel whose replicas run the autocast type of the caller (TRAIN.AMP_DTYPE), for training and
+    evaluation alike: DataParallel's own replica threads would enter float16 (see ``in_callers_autocast``)."""
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        return super().parallel_apply(in_callers_autocast(replicas, self.src_device_obj.type), inputs, kwargs)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
