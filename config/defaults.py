@@ -72,7 +72,9 @@ _C.DATA.CACHE_DIR = str(REPO_ROOT / ".data")  # where datasets are downloaded to
 _C.DATA.CLASSES = list(CIFAR10_CLASSES)  # class names in label order (image_folder: sorted folder names)
 _C.DATA.DATASET_TYPE = "cifar10"  # cifar10 (also spelled cifer10), digits, image_folder, synthetic
 _C.DATA.INPUT_DIM = 3  # image channels fed to the model (digits are repeated to this many)
-_C.DATA.NUM_WORKERS = 2  # DataLoader workers for folder data (capped at the CPU count)
+# DataLoader workers per process for folder data, capped at the process's share of the CPUs it may use (its
+# affinity, e.g. Slurm's --cpus-per-gpu, divided among the processes torchrun starts on the node).
+_C.DATA.NUM_WORKERS = 2
 # Applied in this order to whole batches on the training device. Random ones (random_crop with padding
 # 4, random_horizontal_flip) act on training batches only. to_tensor scales uint8 to [0, 1];
 # normalize uses the dataset's per-channel mean and std.

@@ -142,6 +142,22 @@ class _PlannedBatches:
         return len(self.batches)
 
 
+def usable_cpus() -> int:
+    """This process's share of the CPUs it may run on: its affinity (what Slurm's --cpus-per-gpu or
+    --cpus-per-task, taskset or a container's cpuset allow; ``os.cpu_count()`` counts the whole machine),
+    divided among the processes torchrun started on this node, which share it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def dataloader_workers(requested: int) -> int:
+    """DATA.NUM_WORKERS, capped at this process's share of the CPUs (more workers than that only compete)."""
+    return min(requested, usable_cpus())
+
+
 # Ctrl+C, `kill`, and Slurm's time-limit warning: the stops the training process handles (engine/run.py).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _leaving: multiprocessing.synchronize.Event | None = None  # set when this process exits: workers may then stop
@@ -185,7 +201,7 @@ class LoaderBatches(_BatchSource):
                  mixing=None):
         super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size, mixing)
         self.planned = _PlannedBatches()
-        workers = min(num_workers, os.cpu_count() or 1)
+        workers = dataloader_workers(num_workers)
         self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  worker_init_fn=functools.partial(_ignore_stop_signals, _training_process_leaving())

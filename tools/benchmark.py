@@ -57,6 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from config import ConfigError, load_config  # noqa: E402
 from datasets import build_datasets  # noqa: E402
+from datasets.batches import dataloader_workers  # noqa: E402
 from datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
@@ -438,7 +439,7 @@ def run_torchvision_folder(workspace: Workspace) -> RunResult:
     device = torch.device(workspace.args.device)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     dataset = tv_datasets.ImageFolder(str(workspace.image_folder() / "train"), transform=transform)
-    workers = min(cfg.DATA.NUM_WORKERS, os.cpu_count() or 1)  # the engine's cap (datasets/batches.py)
+    workers = dataloader_workers(cfg.DATA.NUM_WORKERS)  # the engine's cap
     loader = DataLoader(dataset, batch_size=cfg.TRAIN.BATCH_SIZE, shuffle=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg.SEED))
