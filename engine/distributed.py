@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -15,6 +16,12 @@ from engine.compile import uncompiled
 from engine.precision import in_callers_autocast
 
 logger = logging.getLogger("engine")
+
+# How long the other ranks wait for rank 0 where it works alone: preparing the dataset (a download from a slow
+# mirror), and the end of a run (logging the model, MLflow's last deliveries). The default group's timeout (NCCL:
+# 10 minutes) aborted every rank there; a rank 0 that dies instead ends the job through torchrun at once.
+LONG_WAIT = timedelta(hours=24)
+_wait_group = None  # a Gloo group with the LONG_WAIT timeout, for wait_for_main_process
 
 
 def in_process_group() -> bool:
@@ -143,7 +150,27 @@ def init_distributed(backend_name: str, gpus: int) -> tuple[int, int]:
             torch.distributed.init_process_group("nccl", device_id=device, **_fresh_store_after_restart())
         else:
             torch.distributed.init_process_group("gloo", **_fresh_store_after_restart())
+        create_wait_group()
     return get_rank(), get_world_size()
+
+
+def create_wait_group() -> None:
+    """The Gloo group of ``wait_for_main_process`` (every rank calls this once, after joining the process group)."""
+    global _wait_group
+    _wait_group = torch.distributed.new_group(backend="gloo", timeout=LONG_WAIT)
+
+
+def wait_for_main_process() -> None:
+    """A barrier that waits up to LONG_WAIT: for the phases where rank 0 works alone while the others wait.
+
+    A CPU barrier on a Gloo group of its own, whatever the backend: the default group's timeout (NCCL's 10
+    minutes) would abort every rank while rank 0 is still downloading or logging. Outside a process group (or
+    in one this engine did not create) it is the ordinary ``barrier``.
+    """
+    if _wait_group is None or not in_process_group():
+        barrier()
+        return
+    torch.distributed.barrier(group=_wait_group)
 
 
 @contextmanager
@@ -159,7 +186,7 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
     try:
         yield
     except leave_together:
-        barrier()
+        wait_for_main_process()  # rank 0 writes the checkpoint and gives MLflow its last seconds
         if in_process_group() and threading.current_thread() is threading.main_thread():
             # torchrun stops the other workers (SIGTERM) once one has exited with an error: each rank is on
             # its way out already, and finishes it (its error line, its exit code) rather than die of that.
@@ -168,8 +195,9 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
     else:
         # A rank that tears its group down while another still finishes its run (rank 0 saves and logs the
         # model) can abort in Gloo's threads ("terminate called without an active exception", seen on rank 1
-        # at the very end of a DDP run under load): leave together.
-        barrier()
+        # at the very end of a DDP run under load): leave together. Rank 0 may still log the model and deliver
+        # MLflow's queue (MLFLOW.END_WAIT) for longer than a collective's timeout.
+        wait_for_main_process()
     finally:
         destroy_process_group()
 
@@ -181,8 +209,6 @@ def _fresh_store_after_restart() -> dict:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
-    from datetime import timedelta
-
     agent_store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                              is_master=False, timeout=timedelta(minutes=10))
     return {"store": torch.distributed.PrefixStore(f"attempt_{restart}/", agent_store),
@@ -253,5 +279,7 @@ def barrier() -> None:
 
 
 def destroy_process_group() -> None:
+    global _wait_group
     if in_process_group():
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()  # every group, the wait group too
+    _wait_group = None

@@ -32,7 +32,7 @@ import torch
 
 from config import ConfigError
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
-from engine.distributed import all_gather_objects, broadcast_object, is_main_process
+from engine.distributed import all_gather_objects, broadcast_object, get_world_size, is_main_process
 from engine.evaluation import per_class_accuracy
 from engine.figures import confusion_matrix_figure, per_class_accuracy_figure
 from engine.hooks import TrainingInterrupted
@@ -229,6 +229,8 @@ class TrainingRun:
         if final.evaluate_test is not None:
             self._evaluate_test()
         if tracker is not None and final.log_model and final.example_input is not None:
+            if get_world_size() > 1:  # they wait without a timeout (engine.distributed.wait_for_main_process)
+                logger.info("logging the model to MLflow on rank 0; the other ranks wait for it")
             if tracker.log_model(model, final.example_input, name=final.model_name,
                                  step=trainer.iter, register_as=final.register_as):
                 logger.info(f"logged the model '{final.model_name}' to MLflow (mlflow.pytorch, pt2 format)")

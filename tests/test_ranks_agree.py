@@ -1,6 +1,7 @@
 """What the ranks of a DDP run must agree on, checked in two real processes joined by a Gloo group on the CPU:
 resuming a folder whose checkpoints cannot be read (rank 0 alone sets them aside; every rank then starts fresh),
-and the BatchNorm statistics an evaluation uses (rank 0's: those it saves).
+the BatchNorm statistics an evaluation uses (rank 0's: those it saves), and waiting for rank 0 where it works
+alone (longer than a collective may take).
 
 ``on_two_ranks(function, *args)`` runs ``function(rank, *args)`` in two spawned processes of one Gloo group and
 returns what each returned (or raises what one raised), in rank order.
@@ -8,7 +9,9 @@ returns what each returned (or raises what one raised), in rank order.
 
 import logging
 import pickle
+import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,12 +24,13 @@ from datasets.base import TensorSplit
 from datasets.batches import InMemoryBatches
 from datasets.transforms import BatchTransform, ToTensor
 from engine.checkpoint import Checkpointer, CheckpointError
+from engine.distributed import create_wait_group, wait_for_main_process
 from engine.evaluation import evaluate
 from engine.run import find_resume_point
 
 
-def _join_and_call(rank: int, port: int, results: Path, function, args) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _join_and_call(rank: int, port: int, results: Path, timeout: timedelta, function, args) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timeout)
     try:
         outcome = ("returned", function(rank, *args))
     except Exception as error:
@@ -36,11 +40,12 @@ def _join_and_call(rank: int, port: int, results: Path, function, args) -> None:
     (results / f"rank{rank}.pickle").write_bytes(pickle.dumps(outcome))
 
 
-def on_two_ranks(tmp_path: Path, function, *args) -> list:
+def on_two_ranks(tmp_path: Path, function, *args, timeout: timedelta = timedelta(minutes=5)) -> list:
+    """``timeout``: the process group's, for its collectives."""
     results = tmp_path / "results"
     results.mkdir()
-    torch.multiprocessing.start_processes(_join_and_call, args=(free_port(), results, function, args), nprocs=2,
-                                          start_method="spawn")
+    torch.multiprocessing.start_processes(_join_and_call, args=(free_port(), results, timeout, function, args),
+                                          nprocs=2, start_method="spawn")
     outcomes = [pickle.loads((results / f"rank{rank}.pickle").read_bytes()) for rank in (0, 1)]
     failures = [f"rank {rank}: {value}" for rank, (kind, value) in enumerate(outcomes) if kind == "raised"]
     assert not failures, "\n".join(failures)
@@ -130,3 +135,28 @@ def test_ddp_ranks_evaluate_the_batchnorm_statistics_of_rank_0(tmp_path):
     assert results_0 == results_1
     assert results_0["acc1"] == alone["acc1"]
     assert results_0["loss"] == pytest.approx(alone["loss"], rel=1e-6)  # float32 sums of other batch shares
+
+
+def _wait_while_rank_0_works_alone(rank: int, seconds: float) -> dict:
+    """Rank 0 works alone for ``seconds`` (a download, logging the model) while rank 1 waits for it, once in the
+    engine's wait and once in a barrier of the default group, whose timeout (set short here) is shorter."""
+    create_wait_group()  # as init_distributed does after joining
+    if rank == 0:
+        time.sleep(seconds)
+    wait_for_main_process()
+    outcome = {"wait_for_main_process": "returned"}
+    if rank == 0:
+        time.sleep(seconds)
+    try:
+        dist.barrier()
+        outcome["barrier"] = "returned"
+    except RuntimeError as error:
+        outcome["barrier"] = f"timed out: {str(error).splitlines()[0]}"
+    return outcome
+
+
+def test_the_other_ranks_wait_for_rank_0_longer_than_a_collective_timeout(tmp_path):
+    outcomes = on_two_ranks(tmp_path, _wait_while_rank_0_works_alone, 6.0, timeout=timedelta(seconds=2))
+
+    assert [outcome["wait_for_main_process"] for outcome in outcomes] == ["returned", "returned"]
+    assert outcomes[1]["barrier"].startswith("timed out"), outcomes  # what NCCL's 10 minutes did to every rank

@@ -20,7 +20,14 @@ from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
-from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
+from engine.distributed import (
+    get_rank,
+    get_world_size,
+    module_to_evaluate,
+    unwrapped,
+    wait_for_main_process,
+    wrap_model,
+)
 from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
 from engine.precision import AMP_DTYPES
@@ -65,11 +72,14 @@ def build_data(cfg, device) -> Data:
     if cfg.TRAIN.BATCH_SIZE % world_size:
         raise ConfigError(f"TRAIN.BATCH_SIZE {cfg.TRAIN.BATCH_SIZE} is the global batch and must divide evenly "
                           f"over {world_size} processes; use a multiple of {world_size}")
+    if world_size > 1 and rank == 0:
+        logger.info(f"preparing the {cfg.DATA.DATASET_TYPE} dataset (a download, the first time) on rank 0; "
+                    f"the other {world_size - 1} rank(s) wait for it")
     if rank != 0:
-        barrier()  # rank 0 downloads/prepares first, so processes never race on the cache folder
+        wait_for_main_process()  # rank 0 downloads/prepares first, so processes never race on the cache folder
     splits = build_datasets(cfg)
     if rank == 0:
-        barrier()
+        wait_for_main_process()
     mixing = build_mixing(cfg, world_size)  # mixup / cutmix of the training batches (None = off)
 
     def batches(split, train):
