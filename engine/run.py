@@ -6,7 +6,7 @@ and model, and an MLflow run that always ends FINISHED, FAILED or KILLED.
     folder = RunFolder(output_dir)          # created now; removed again if the run fails before its first step
     folder.start_log()                      # log.txt holds everything from here on
     resumed = find_resume_point(...)        # with --resume: the newest checkpoint that loads and fits
-    folder.write_config(text); configure_reproducibility(seed, deterministic)
+    folder.write_config(text); configure_reproducibility(seed, deterministic, device)
     ... data, model, tracker, trainer ...
     TrainingRun(trainer, checkpointer, tracker, record, final).run(resumed, previous_run)
 
@@ -107,19 +107,35 @@ def newest_run_folder(root: Path) -> str | None:
     return str(found[-1].parent.relative_to(root)) if found else None
 
 
-def configure_reproducibility(seed: int, deterministic: bool) -> None:
+def configure_reproducibility(seed: int, deterministic: bool, device=None) -> str:
+    """Seed the generators and choose between exact and fast kernels; return the mode for the run's record.
+
+    ``deterministic`` (TRAIN.DETERMINISTIC), or a run on the CPU (whose kernels are exact at no cost): "exact",
+    deterministic algorithms, no cuDNN autotuning, float32 matmuls and convolutions in full precision; the same
+    run gives the same bits, resumed or not. Else, on a GPU: "fast", cuDNN times its algorithms for each new input
+    shape and picks the fastest (cudnn.benchmark), and float32 matmuls and convolutions run in TF32 on GPUs that
+    have it (Ampere and newer: several times the float32 matmul throughput, a 10-bit mantissa).
+    """
     # Not Python's global random: MLflow draws run names from it, and seeding it named every run alike.
     np.random.seed(seed)
     torch.manual_seed(seed)  # identical model initialisation in every process
-    if deterministic:
+    mode = reproducibility_mode(deterministic, device)
+    exact = mode == "exact"
+    if exact:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        set_deterministic(True)
-    else:
-        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms for each new input shape, picks the fastest
-        torch.backends.cudnn.deterministic = False
-        set_deterministic(False)
+    torch.backends.cudnn.benchmark = not exact
+    torch.backends.cudnn.deterministic = exact
+    set_deterministic(exact)
+    # torch's fp32_precision settings (its allow_tf32 flags are their legacy form: mixing the two is an error)
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if exact else "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee" if exact else "tf32"
+    return mode
+
+
+def reproducibility_mode(deterministic: bool, device=None) -> str:
+    """"exact" or "fast" (see ``configure_reproducibility``); ``device`` None: as if on a GPU."""
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    return "exact" if deterministic or on_cpu else "fast"
 
 
 def set_deterministic(mode: bool) -> None:

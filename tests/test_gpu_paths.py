@@ -1,4 +1,5 @@
-"""GPU paths whose mechanism can be checked on the CPU: the autocast type of DataParallel's replica threads.
+"""GPU paths whose mechanism can be checked on the CPU: the autocast type of DataParallel's replica threads, and
+the fast or exact kernels a run chooses (TRAIN.DETERMINISTIC) and records.
 
 DataParallel runs each replica in a thread of its own that enters autocast without a type, as
 ``torch.nn.parallel.parallel_apply`` does; the thread's default type then ran (float16 on CUDA) instead of the
@@ -9,9 +10,13 @@ import threading
 
 import pytest
 import torch
+from fault_utils import runs_of
 
+from config import load_config
 from engine.distributed import wrap_model
 from engine.precision import in_callers_autocast
+from engine.run import configure_reproducibility
+from tools.train_net import main
 
 
 def matmul_dtype(images: torch.Tensor) -> torch.dtype:
@@ -69,3 +74,36 @@ def test_data_parallel_replicas_run_the_configured_amp_dtype(configured):
     with torch.autocast("cuda", configured):
         codes = model(torch.ones(8, 3, 4, 4, device="cuda"))
     assert codes.tolist() == [ComputeDtype.CODES[configured]] * 8
+
+
+@pytest.fixture
+def torch_settings(monkeypatch):
+    """Puts back the global settings configure_reproducibility changes."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+    torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before[4:]
+
+
+def test_a_gpu_run_takes_the_fast_path_by_default(torch_settings):
+    assert not load_config(None, []).TRAIN.DETERMINISTIC
+    assert configure_reproducibility(0, deterministic=False, device="cuda") == "fast"
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+@pytest.mark.parametrize("deterministic, device", [(True, "cuda"), (False, "cpu"), (True, "cpu")])
+def test_deterministic_or_on_the_cpu_the_run_is_exact(torch_settings, deterministic, device):
+    assert configure_reproducibility(0, deterministic, device) == "exact"
+    assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+
+
+def test_the_run_record_says_which_mode_ran(small_run_opts, run_dir):
+    assert main(small_run_opts) == 0  # on the CPU: exact, whatever TRAIN.DETERMINISTIC says
+    (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="Default")
+    assert run.data.tags["reproducibility"] == "exact"

@@ -31,7 +31,7 @@ from engine.distributed import (
 from engine.ema import EMAHook, ModelEMA
 from engine.evaluation import evaluate
 from engine.precision import AMP_DTYPES
-from engine.run import FinalSteps, RunRecord, make_eval_report
+from engine.run import FinalSteps, RunRecord, make_eval_report, reproducibility_mode
 from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
 from networks import build_model
@@ -208,6 +208,7 @@ def build_run_record(cfg, device, num_gpus: int, data: Data, tracker, extra_tags
     """Params (the flattened config), tags (where the run came from, where its files are, what it trained),
     config.yaml, the package list and the diff, and the dataset inputs (computed in the background)."""
     tags = {**collect_run_record(cfg, device, num_gpus), "output_dir": cfg.OUTPUT_DIR,
+            "reproducibility": reproducibility_mode(cfg.TRAIN.DETERMINISTIC, device),  # exact, or fast on a GPU
             "mlflow.note.content": description or run_description(cfg, data), **extra_tags}
     texts = {"requirements-freeze.txt": installed_packages()}
     if tags.get("git_dirty") == "True":

@@ -75,7 +75,7 @@ def _build_and_run(cfg, folder, checkpointer, resume, extra_tags, hooks, loss, d
     resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
         if resume else None
     folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
-    configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
+    configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC, device)
     if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
         logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 (bfloat16 runs on the CPU)")
     data = build.build_data(cfg, device)
