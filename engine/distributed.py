@@ -187,10 +187,10 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
         yield
     except leave_together:
         wait_for_main_process()  # rank 0 writes the checkpoint and gives MLflow its last seconds
-        if in_process_group() and threading.current_thread() is threading.main_thread():
-            # torchrun stops the other workers (SIGTERM) once one has exited with an error: each rank is on
-            # its way out already, and finishes it (its error line, its exit code) rather than die of that.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _leave_without_restart()
+        raise
+    except ConfigError:  # the same mistake on every rank, and again after any restart
+        _leave_without_restart()
         raise
     else:
         # A rank that tears its group down while another still finishes its run (rank 0 saves and logs the
@@ -200,6 +200,36 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
         wait_for_main_process()
     finally:
         destroy_process_group()
+
+
+def _leave_without_restart() -> None:
+    """On the way out with an error the ranks agreed on (a stop, a NaN loss, a checkpoint or config error): finish
+    it, and end the torchrun job instead of letting ``--max-restarts`` repeat the same failure.
+
+    torchrun restarts the workers after any failure, whatever their exit code (``_invoke_run`` in
+    torch/distributed/elastic/agent/server/api.py); a signal it handles ends it for good instead (it stops its
+    workers and exits non-zero). So each node's local rank 0 sends SIGTERM to its torchrun, the agent.
+    """
+    if not in_process_group() or threading.current_thread() is not threading.main_thread():
+        return
+    # torchrun stops the workers (SIGTERM) once one has exited with an error, or once it was told to: each rank is
+    # on its way out already, and finishes it (its error line, its exit code) rather than die of that.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    restarts_left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - \
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts_left > 0 and os.environ.get("LOCAL_RANK") == "0" and _parent_is_torchrun():
+        logger.warning("this error would repeat after a restart: ending the torchrun job (no restart)")
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+def _parent_is_torchrun() -> bool:
+    """Whether the parent process is torchrun's agent (``torchrun`` or ``python -m torch.distributed.run``), not
+    a shell or another launcher between them that a SIGTERM would end without a word."""
+    try:
+        command = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode(errors="replace")
+    except OSError:
+        return False
+    return "torchrun" in command or "torch.distributed.run" in command
 
 
 def _fresh_store_after_restart() -> dict:
