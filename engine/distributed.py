@@ -22,6 +22,8 @@ logger = logging.getLogger("engine")
 # 10 minutes) aborted every rank there; a rank 0 that dies instead ends the job through torchrun at once.
 LONG_WAIT = timedelta(hours=24)
 _wait_group = None  # a Gloo group with the LONG_WAIT timeout, for wait_for_main_process
+# Files an NVIDIA driver creates: where one exists and CUDA does not start, something is wrong.
+NVIDIA_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0")
 
 
 def in_process_group() -> bool:
@@ -63,13 +65,37 @@ def select_device(gpus: int, backend: str, available: int | None = None) -> tupl
                           f"set TRAIN.GPUS to at most {available} (-1 = all, 0 = CPU)")
     if gpus == 0 or available == 0:
         if gpus == -1:
-            logger.info("no CUDA device found: running on the CPU")
+            failure = cuda_start_failure()
+            if failure:
+                logger.warning(f"TRAIN.GPUS -1 is training on the CPU: {failure} (TRAIN.GPUS 0 asks for the CPU)")
+            else:
+                logger.info("no CUDA device found: running on the CPU")
         return torch.device("cpu"), 0
     if backend == "ddp":
         device = ddp_device(gpus, available)
         torch.cuda.set_device(device)
         return device, 1
     return torch.device("cuda", 0), available if gpus == -1 else gpus
+
+
+def cuda_start_failure() -> str | None:
+    """Why CUDA did not start on a machine that shows an NVIDIA driver (None: CUDA works, or there is no sign of
+    a GPU). A driver too old for the wheel's CUDA, or a CPU-only torch, would otherwise train on the CPU silently."""
+    if torch.cuda.is_available():
+        return None
+    shown_by = next((path for path in NVIDIA_DRIVER_FILES if os.path.exists(path)), None)
+    if shown_by is None:
+        return None
+    if torch.version.cuda is None:
+        return (f"{shown_by} shows an NVIDIA driver, but torch {torch.__version__} is a CPU-only build; install "
+                "a CUDA build of torch")
+    try:
+        torch.cuda.init()  # raises the reason is_available() keeps to itself
+        reason = "no GPU is visible"
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0]
+    return (f"{shown_by} shows an NVIDIA driver, but CUDA did not start ({reason}); torch {torch.__version__} "
+            f"needs a driver that supports CUDA {torch.version.cuda}: check nvidia-smi and CUDA_VISIBLE_DEVICES")
 
 
 def ddp_device(gpus: int, available: int) -> torch.device:

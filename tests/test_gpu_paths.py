@@ -1,11 +1,13 @@
 """GPU paths whose mechanism can be checked on the CPU: the autocast type of DataParallel's replica threads, and
-the fast or exact kernels a run chooses (TRAIN.DETERMINISTIC) and records.
+the fast or exact kernels a run chooses (TRAIN.DETERMINISTIC) and records, and the warning when CUDA does not
+start on a machine with an NVIDIA driver.
 
 DataParallel runs each replica in a thread of its own that enters autocast without a type, as
 ``torch.nn.parallel.parallel_apply`` does; the thread's default type then ran (float16 on CUDA) instead of the
 configured bfloat16. On the CPU the default is bfloat16, so asking for float16 shows the same mistake.
 """
 
+import logging
 import threading
 
 import pytest
@@ -13,7 +15,8 @@ import torch
 from fault_utils import runs_of
 
 from config import load_config
-from engine.distributed import wrap_model
+from engine import distributed
+from engine.distributed import select_device, wrap_model
 from engine.precision import in_callers_autocast
 from engine.run import configure_reproducibility
 from tools.train_net import main
@@ -107,3 +110,33 @@ def test_the_run_record_says_which_mode_ran(small_run_opts, run_dir):
     assert main(small_run_opts) == 0  # on the CPU: exact, whatever TRAIN.DETERMINISTIC says
     (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="Default")
     assert run.data.tags["reproducibility"] == "exact"
+
+
+@pytest.fixture
+def engine_warnings():
+    """The warnings the engine logs during the test."""
+    told = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: told.append(record.getMessage())
+    logging.getLogger("engine").addHandler(handler)
+    yield told
+    logging.getLogger("engine").removeHandler(handler)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA starts here")
+def test_all_gpus_on_a_machine_whose_driver_cuda_cannot_use_is_a_warning(tmp_path, monkeypatch, engine_warnings):
+    driver_file = tmp_path / "version"  # as /proc/driver/nvidia/version on a machine with an NVIDIA driver
+    driver_file.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02\n")
+    monkeypatch.setattr(distributed, "NVIDIA_DRIVER_FILES", (str(driver_file),))
+
+    assert select_device(-1, "dp") == (torch.device("cpu"), 0)
+
+    (warning,) = engine_warnings
+    assert warning.startswith(f"TRAIN.GPUS -1 is training on the CPU: {driver_file} shows an NVIDIA driver, but ")
+    assert ("CPU-only build" if torch.version.cuda is None else "CUDA did not start") in warning
+
+
+def test_all_gpus_on_a_machine_without_a_gpu_is_no_warning(tmp_path, monkeypatch, engine_warnings):
+    monkeypatch.setattr(distributed, "NVIDIA_DRIVER_FILES", (str(tmp_path / "absent"),))
+    select_device(-1, "dp")
+    assert engine_warnings == []
