@@ -126,9 +126,11 @@ def configure_reproducibility(seed: int, deterministic: bool, device=None) -> st
     torch.backends.cudnn.benchmark = not exact
     torch.backends.cudnn.deterministic = exact
     set_deterministic(exact)
-    # torch's fp32_precision settings (its allow_tf32 flags are their legacy form: mixing the two is an error)
-    torch.backends.cuda.matmul.fp32_precision = "ieee" if exact else "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "ieee" if exact else "tf32"
+    # The allow_tf32 flags, not torch 2.14's newer fp32_precision settings: after setting those (cudnn.conv's alone,
+    # or matmul's to tf32), reading the flags or torch.get_float32_matmul_precision() raises, and torch.export
+    # reads them: logging the model failed.
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    torch.backends.cudnn.allow_tf32 = not exact
     return mode
 
 

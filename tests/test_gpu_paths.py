@@ -85,25 +85,27 @@ def torch_settings(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
               torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     yield
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
     torch.use_deterministic_algorithms(before[2], warn_only=before[3])
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before[4:]
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[4:]
 
 
 def test_a_gpu_run_takes_the_fast_path_by_default(torch_settings):
     assert not load_config(None, []).TRAIN.DETERMINISTIC
     assert configure_reproducibility(0, deterministic=False, device="cuda") == "fast"
     assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"  # readable: torch.export and inductor read it
 
 
 @pytest.mark.parametrize("deterministic, device", [(True, "cuda"), (False, "cpu"), (True, "cpu")])
 def test_deterministic_or_on_the_cpu_the_run_is_exact(torch_settings, deterministic, device):
     assert configure_reproducibility(0, deterministic, device) == "exact"
     assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_the_run_record_says_which_mode_ran(small_run_opts, run_dir):
