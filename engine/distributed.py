@@ -206,10 +206,11 @@ def process_group(backend_name: str, gpus: int, leave_together: tuple[type[BaseE
     ``leave_together``: errors that every rank raises at the same point (a stop, an agreed failure). On those,
     the ranks wait for each other before leaving: torchrun stops all workers as soon as one exits with an
     error, and rank 0 must first finish its way out (the checkpoint on disk, the MLflow run's final status).
-    After a run that ends without an error they also leave together.
+    After a run that ends without an error they also leave together. After those errors, and after a
+    ConfigError, torchrun does not restart the workers (``_leave_without_restart``): the error would repeat.
     """
-    init_distributed(backend_name, gpus)
     try:
+        init_distributed(backend_name, gpus)
         yield
     except leave_together:
         wait_for_main_process()  # rank 0 writes the checkpoint and gives MLflow its last seconds
@@ -236,7 +237,7 @@ def _leave_without_restart() -> None:
     torch/distributed/elastic/agent/server/api.py); a signal it handles ends it for good instead (it stops its
     workers and exits non-zero). So each node's local rank 0 sends SIGTERM to its torchrun, the agent.
     """
-    if not in_process_group() or threading.current_thread() is not threading.main_thread():
+    if not launched_by_torchrun() or threading.current_thread() is not threading.main_thread():
         return
     # torchrun stops the workers (SIGTERM) once one has exited with an error, or once it was told to: each rank is
     # on its way out already, and finishes it (its error line, its exit code) rather than die of that.
