@@ -3,7 +3,7 @@
 import sys
 
 from engine import HookBase
-from tools.train_net import main
+from ptengine.tools.train_net import main
 
 
 class PrintEveryEpoch(HookBase):

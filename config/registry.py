@@ -4,7 +4,7 @@
 the bad value and the sorted choices, e.g. ``unknown TRAIN.MODEL_TYPE 'vgg16'; choose one of resnet18, simple_cnn``.
 """
 
-from config.setup import ConfigError
+from ptengine.config.setup import ConfigError
 
 
 class Registry(dict):

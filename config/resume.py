@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 from yacs.config import CfgNode
 
-from config.setup import ConfigError, flatten_config
+from ptengine.config.setup import ConfigError, flatten_config
 
 RESUME_MAY_CHANGE = {
     "OUTPUT_DIR", "TRAIN.MAX_EPOCHS", "TRAIN.GPUS", "TRAIN.DISTRIBUTED_BACKEND", "DATA.NUM_WORKERS",

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from yacs.config import CfgNode
 
-from config.defaults import get_default_config
+from ptengine.config.defaults import get_default_config
 
 # What YAML 1.1 (yaml.safe_load) reads as a bool, so the command line takes what a config file takes.
 BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}

@@ -4,12 +4,12 @@ Adding a dataset is one new file with a ``build_<name>(cfg)`` function plus one 
 This package shares its name with the Hugging Face ``datasets`` library; see ``tests/test_datasets_name.py``.
 """
 
-from config.registry import Registry
-from datasets.base import DatasetError, DatasetSplits, TensorSplit
-from datasets.cifar10 import build_cifar10
-from datasets.digits import build_digits
-from datasets.image_folder import build_image_folder
-from datasets.synthetic import build_synthetic
+from ptengine.config.registry import Registry
+from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit
+from ptengine.datasets.cifar10 import build_cifar10
+from ptengine.datasets.digits import build_digits
+from ptengine.datasets.image_folder import build_image_folder
+from ptengine.datasets.synthetic import build_synthetic
 
 DATASET_REGISTRY = Registry("DATA.DATASET_TYPE", {
     "cifar10": build_cifar10,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datasets.base import TensorSplit
-from datasets.transforms import BatchTransform
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.transforms import BatchTransform
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.base import DatasetError, DatasetSplits, TensorSplit, channel_stats, split_train_val
+from ptengine.datasets.base import DatasetError, DatasetSplits, TensorSplit, channel_stats, split_train_val
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.base import DatasetSplits, TensorSplit, channel_stats, match_channels, split_train_val
+from ptengine.datasets.base import DatasetSplits, TensorSplit, channel_stats, match_channels, split_train_val
 
 
 def build_digits(cfg) -> DatasetSplits:

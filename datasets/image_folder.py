@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.base import DatasetError, DatasetSplits
+from ptengine.datasets.base import DatasetError, DatasetSplits
 
 PIL_MODES = {3: "RGB", 1: "L"}  # DATA.INPUT_DIM -> the mode every image is converted to
 # No pass over a folder of images just to compute statistics (that can take longer than an epoch):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError
+from ptengine.config import ConfigError
 
 MAX_GROUP_SIZE = 8
 _SALT = 0x6D6978  # "mix": a stream apart from the shuffling's

@@ -5,7 +5,7 @@ There is nothing to learn here (labels do not depend on pixels), so accuracy sta
 
 import torch
 
-from datasets.base import DatasetSplits, TensorSplit, channel_stats, split_train_val
+from ptengine.datasets.base import DatasetSplits, TensorSplit, channel_stats, split_train_val
 
 
 def build_synthetic(cfg) -> DatasetSplits:

@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from config.registry import Registry
+from ptengine.config.registry import Registry
 
 PAD = 4  # random_crop padding, as in the usual CIFAR recipe
 

@@ -9,7 +9,7 @@ is its ``_orig_mod``. The trainer saves, loads and evaluates that plain module (
 import torch
 from torch import nn
 
-from config.registry import Registry
+from ptengine.config.registry import Registry
 
 # The torch.compile backends that work with torch alone (torch also lists tvm and openxla, which need packages of
 # their own and would fail at the first step): generated kernels, CUDA graphs, and the two debugging ones.

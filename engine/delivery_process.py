@@ -32,7 +32,7 @@ class DeliveryProcess:
         self.on_run_id = on_run_id
         child_reads, parent_writes = os.pipe()
         parent_reads, child_writes = os.pipe()
-        code = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+        code = (f"import sys; sys.path.append({str(REPO_ROOT)!r}); "
                 f"from engine.mlflow_delivery import serve; serve({child_reads}, {child_writes})")
         self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(child_reads, child_writes),
                                         stdin=subprocess.DEVNULL)

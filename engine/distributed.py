@@ -11,9 +11,9 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-from config import ConfigError
 from engine.compile import uncompiled
 from engine.precision import in_callers_autocast
+from ptengine.config import ConfigError
 
 logger = logging.getLogger("engine")
 

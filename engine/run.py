@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import ConfigError
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
 from engine.distributed import all_gather_objects, broadcast_object, get_world_size, is_main_process
 from engine.evaluation import per_class_accuracy
@@ -39,6 +38,7 @@ from engine.hooks import TrainingInterrupted
 from engine.logger import restore_streams, setup_logging
 from engine.system_metrics import SystemMetrics, node_id, samples_this_process
 from engine.tracking import redact_credentials
+from ptengine.config import ConfigError
 
 logger = logging.getLogger("engine")
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from config import ConfigError
-from config.defaults import REPO_ROOT
 from engine.checkpoint import atomic_write_bytes
 from engine.delivery_process import DeliveryProcess
 from engine.mlflow_delivery import artifact_root, environment, make_client, short, sqlite_path  # noqa: F401 (re-exported)
+from ptengine.config import ConfigError
+from ptengine.config.defaults import REPO_ROOT
 
 logger = logging.getLogger("engine")
 

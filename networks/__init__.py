@@ -5,9 +5,9 @@ Adding a model is one new file with a ``build_<name>(cfg)`` function plus one en
 
 from torch import nn
 
-from config.registry import Registry
-from networks.resnet import build_resnet18
-from networks.simple_cnn import SimpleCNN, build_simple_cnn
+from ptengine.config.registry import Registry
+from ptengine.networks.resnet import build_resnet18
+from ptengine.networks.simple_cnn import SimpleCNN, build_simple_cnn
 
 MODEL_REGISTRY = Registry("TRAIN.MODEL_TYPE", {
     "simple_cnn": build_simple_cnn,

@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from solvers.lr_schedulers import SCHEDULE_REGISTRY, PerIterationLR, with_warmup
-from solvers.optimizers import OPTIMIZER_REGISTRY
+from ptengine.solvers.lr_schedulers import SCHEDULE_REGISTRY, PerIterationLR, with_warmup
+from ptengine.solvers.optimizers import OPTIMIZER_REGISTRY
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -7,7 +7,7 @@ Everything is a pure function of the iteration, so the schedule resumes exactly 
 
 import math
 
-from config.registry import Registry
+from ptengine.config.registry import Registry
 
 
 # Each builder reads the config once: the returned function runs every step, and a yacs attribute read is a

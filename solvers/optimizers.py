@@ -2,7 +2,7 @@
 
 import torch
 
-from config.registry import Registry
+from ptengine.config.registry import Registry
 
 
 def sgd(params, train_cfg):

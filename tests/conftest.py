@@ -84,7 +84,7 @@ def trained_digits_run(tmp_path_factory):
     Returns a dict with ``opts`` (the command-line overrides used), ``output_dir``, ``tracking_uri``,
     ``run_id``, ``workdir`` (the cwd of the run) and ``exit_code``.
     """
-    from tools.train_net import main
+    from ptengine.tools.train_net import main
 
     workdir = tmp_path_factory.mktemp("digits_run")
     output_dir = workdir / "output"

@@ -453,7 +453,7 @@ def _run_train_net_with_injected_faults() -> None:
             real_fsync(descriptor)
 
         os.fsync = fsync
-    from tools.train_net import exit_at_once, main
+    from ptengine.tools.train_net import exit_at_once, main
 
     sys.argv = [str(TRAIN_NET), *sys.argv[1:]]
     exit_at_once(main(hooks=_hooks_from_the_environment()))

@@ -25,10 +25,10 @@ from fault_utils import (
 )
 from PIL import Image
 
-import datasets.cifar10 as cifar10
-from config import load_config
-from networks import build_model
-from tools.train_net import main
+import ptengine.datasets.cifar10 as cifar10
+from ptengine.config import load_config
+from ptengine.networks import build_model
+from ptengine.tools.train_net import main
 
 QUICK = ["--config-file", str(DIGITS_CONFIG), "TRAIN.MAX_EPOCHS", "1", "LOG.PROGRESS_BAR", "False",
          "MLFLOW.LOG_MODEL", "False", "MLFLOW.EXPERIMENT_NAME", "mistakes"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches, apply_once, build_batches, epoch_order
-from datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches, apply_once, build_batches, epoch_order
+from ptengine.datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 
 NUM_SAMPLES = 50
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.benchmark import MODES, TINY_MODES
+from ptengine.tools.benchmark import MODES, TINY_MODES
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
 # --workers 0: the folder modes read in the main process (four worker processes, each importing torch, saved)

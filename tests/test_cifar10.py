@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import datasets.cifar10 as cifar10
-from config import load_config
-from datasets import DatasetError, build_datasets
+import ptengine.datasets.cifar10 as cifar10
+from ptengine.config import load_config
+from ptengine.datasets import DatasetError, build_datasets
 
 IMAGES_PER_BATCH = 20
 BATCH_NAMES = [*cifar10.TRAIN_BATCHES, cifar10.TEST_BATCH]

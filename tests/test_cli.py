@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.train_net import main
+from ptengine.tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"

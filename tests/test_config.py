@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from yacs.config import CfgNode
 
-import datasets
-from config import ConfigError, flatten_config, get_default_config, load_config
-from datasets import build_datasets
-from datasets.synthetic import build_synthetic
+from ptengine import datasets
+from ptengine.config import ConfigError, flatten_config, get_default_config, load_config
+from ptengine.datasets import build_datasets
+from ptengine.datasets.synthetic import build_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")
@@ -130,11 +130,11 @@ def test_an_unknown_dataset_type_lists_the_choices():
 
 
 def test_every_registry_refuses_an_unknown_name_with_one_error_type_and_the_sorted_choices():
-    from datasets import DATASET_REGISTRY
-    from datasets.transforms import TRANSFORM_REGISTRY
-    from networks import MODEL_REGISTRY
-    from solvers.lr_schedulers import SCHEDULE_REGISTRY
-    from solvers.optimizers import OPTIMIZER_REGISTRY
+    from ptengine.datasets import DATASET_REGISTRY
+    from ptengine.datasets.transforms import TRANSFORM_REGISTRY
+    from ptengine.networks import MODEL_REGISTRY
+    from ptengine.solvers.lr_schedulers import SCHEDULE_REGISTRY
+    from ptengine.solvers.optimizers import OPTIMIZER_REGISTRY
 
     for registry in (DATASET_REGISTRY, TRANSFORM_REGISTRY, MODEL_REGISTRY, SCHEDULE_REGISTRY, OPTIMIZER_REGISTRY):
         with pytest.raises(ConfigError) as raised:

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import mlflow.data
 
-import datasets
+from ptengine import datasets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

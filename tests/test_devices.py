@@ -18,12 +18,12 @@ from fault_utils import assert_same_weights, load_weights
 from test_trainer import make_split, make_trainer
 from torch import nn
 
-from config import ConfigError
 from engine.distributed import module_to_evaluate, select_device, wrap_model
 from engine.rng import capture_rng_state, restore_rng_state
 from engine.run import configure_reproducibility
 from engine.tracking import MLflowTracker
-from tools.train_net import main
+from ptengine.config import ConfigError
+from ptengine.tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -34,9 +34,9 @@ import torch
 from fault_utils import DIGITS_CONFIG, TRAIN_NET, empty_store, free_port, process_env, sqlite_uri
 from torchrun_utils import TORCHRUN, Launch
 
-from config import load_config
-from datasets import build_datasets
 from engine.checkpoint import load_file
+from ptengine.config import load_config
+from ptengine.datasets import build_datasets
 
 ITERS_PER_EPOCH = 22  # digits: 1,348 training images in batches of 64
 MAX_ITER = 2 * ITERS_PER_EPOCH

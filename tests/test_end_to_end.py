@@ -15,16 +15,16 @@ import mlflow
 import pytest
 import torch
 
-from config import flatten_config, load_config
-from datasets import build_datasets
-from datasets.batches import build_batches
-from datasets.transforms import build_transform
 from engine.checkpoint import Checkpointer, load_file
 from engine.evaluation import evaluate
 from engine.logger import restore_streams, setup_logging
-from networks import build_model
-from tools.dataset_inputs import split_digest
-from tools.train_net import main
+from ptengine.config import flatten_config, load_config
+from ptengine.datasets import build_datasets
+from ptengine.datasets.batches import build_batches
+from ptengine.datasets.transforms import build_transform
+from ptengine.networks import build_model
+from ptengine.tools.dataset_inputs import split_digest
+from ptengine.tools.train_net import main
 
 DIGITS_YAML = str(Path(__file__).resolve().parent.parent / "config" / "digits.yaml")
 

@@ -17,14 +17,14 @@ import torch
 from conftest import isolated_training
 from fault_utils import empty_store
 
-import datasets.cifar10 as cifar10
-from config import load_config
-from config.defaults import CIFAR10_CLASSES
-from datasets import build_datasets
+import ptengine.datasets.cifar10 as cifar10
 from engine.figures import confusion_matrix_figure
 from engine.run import RUN_ID_FILE
-from networks import build_model
-from tools.train_net import main
+from ptengine.config import load_config
+from ptengine.config.defaults import CIFAR10_CLASSES
+from ptengine.datasets import build_datasets
+from ptengine.networks import build_model
+from ptengine.tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")

@@ -21,7 +21,7 @@ import torch
 from fault_utils import DIGITS_CONFIG, PYTHON, TRAIN_NET, empty_store, process_env
 
 from engine.hooks import ProgressBar
-from tools.train_net import main, python_command, resume_command
+from ptengine.tools.train_net import main, python_command, resume_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from fault_utils import runs_of
 
-from config import load_config
 from engine import distributed
 from engine.distributed import select_device, wrap_model
 from engine.precision import in_callers_autocast
 from engine.run import configure_reproducibility
-from tools.train_net import main
+from ptengine.config import load_config
+from ptengine.tools.train_net import main
 
 
 def matmul_dtype(images: torch.Tensor) -> torch.dtype:

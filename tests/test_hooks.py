@@ -12,9 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches
-from datasets.transforms import BatchTransform, ToTensor
 from engine import (
     BestCheckpointer,
     Checkpointer,
@@ -26,6 +23,9 @@ from engine import (
     Trainer,
 )
 from engine.hooks import is_period_end
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, ToTensor
 
 
 def tiny_trainer(num_samples=12, batch_size=4, max_epochs=2, hooks=(), lr=0.1) -> Trainer:

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from config import load_config
-from datasets import DatasetError, build_datasets
-from datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD, build_image_folder
+from ptengine.config import load_config
+from ptengine.datasets import DatasetError, build_datasets
+from ptengine.datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD, build_image_folder
 
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 0, 255)}  # one plain colour per class, so resizing keeps it exact
 SIZES = [(20, 20), (40, 24), (9, 13)]  # different sizes and aspect ratios: every image is resized

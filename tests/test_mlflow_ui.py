@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from config.defaults import REPO_ROOT
 from engine.tracking import LOCAL_STORE, artifact_root
+from ptengine.config.defaults import REPO_ROOT
 from tests.test_docker import REPO, command_dir, option, recorder
 
 UI_SCRIPT = REPO / "tools" / "mlflow_ui.sh"
@@ -133,7 +133,7 @@ def restored_environ():
 
 def train_one_epoch(tmp_path: Path, store: str) -> None:
     import engine.logger
-    from tools.train_net import main
+    from ptengine.tools.train_net import main
 
     try:
         exit_code = main(["--config-file", str(REPO / "config" / "digits.yaml"), "OUTPUT_DIR", str(tmp_path / "out"),

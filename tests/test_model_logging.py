@@ -24,12 +24,12 @@ from conftest import isolated_training
 from fault_utils import empty_store
 from mlflow.entities import LoggedModelStatus
 
-from config import load_config
 from engine.checkpoint import load_file
 from engine.run import RUN_ID_FILE
-from networks import build_model
-from tools.build import build_data
-from tools.train_net import main
+from ptengine.config import load_config
+from ptengine.networks import build_model
+from ptengine.tools.build import build_data
+from ptengine.tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from config import ConfigError, load_config
-from networks import MODEL_REGISTRY, build_model
+from ptengine.config import ConfigError, load_config
+from ptengine.networks import MODEL_REGISTRY, build_model
 
 
 def model_for(*opts) -> nn.Module:

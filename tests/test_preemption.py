@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from fault_utils import runs_of
 
-from datasets.batches import dataloader_workers
 from engine import HookBase
-from tools.train_net import main
+from ptengine.datasets.batches import dataloader_workers
+from ptengine.tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_TRAIN = REPO / "tools" / "slurm_train.sh"

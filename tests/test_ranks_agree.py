@@ -20,13 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing
 from fault_utils import free_port
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches
-from datasets.transforms import BatchTransform, ToTensor
 from engine.checkpoint import Checkpointer, CheckpointError
 from engine.distributed import create_wait_group, wait_for_main_process
 from engine.evaluation import evaluate
 from engine.run import find_resume_point
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, ToTensor
 
 
 def _join_and_call(rank: int, port: int, results: Path, timeout: timedelta, function, args) -> None:

@@ -14,14 +14,14 @@ from conftest import DIGITS_CONFIG, isolated_training
 from fault_utils import empty_store, load_weights, metric_history, runs_of, sqlite_uri
 from torch import nn
 
-from config import ConfigError, load_config
-from config.resume import check_resume_config
-from datasets.mixing import BatchMixing, mixing_group_size
 from engine.ema import ModelEMA
 from engine.hooks import HookBase
-from networks import build_model
-from tools.build import check_names
-from tools.train_net import main
+from ptengine.config import ConfigError, load_config
+from ptengine.config.resume import check_resume_config
+from ptengine.datasets.mixing import BatchMixing, mixing_group_size
+from ptengine.networks import build_model
+from ptengine.tools.build import check_names
+from ptengine.tools.train_net import main
 
 RECIPE = ["TRAIN.EMA_DECAY", "0.99", "TRAIN.LABEL_SMOOTHING", "0.1", "TRAIN.MIXUP_ALPHA", "0.2",
           "TRAIN.CUTMIX_ALPHA", "1.0"]
@@ -118,7 +118,7 @@ def test_mixing_on_a_gpu_never_makes_the_host_wait_for_it():
 
 def test_the_group_is_the_largest_divisor_up_to_8_and_a_batch_without_one_is_refused():
     assert [mixing_group_size(share) for share in (128, 64, 32, 100, 63, 12)] == [8, 8, 8, 5, 7, 6]
-    from tools.build import build_data
+    from ptengine.tools.build import build_data
 
     cfg = load_config(str(DIGITS_CONFIG), ["TRAIN.MIXUP_ALPHA", "0.2", "TRAIN.BATCH_SIZE", "11"])
     with pytest.raises(ConfigError, match="TRAIN.BATCH_SIZE 11 / 1 processes"):
@@ -198,7 +198,7 @@ def test_model_best_is_the_ema_of_the_best_ema_accuracy_and_model_final_the_last
 
 
 def test_a_checkpoint_given_as_model_weights_gives_its_ema_weights(recipe_run):
-    from tools.build import load_weights as load_model_weights
+    from ptengine.tools.build import load_weights as load_model_weights
 
     checkpoint = recipe_run["output_dir"] / f"checkpoint_{RECIPE_EPOCHS * 22:08d}.pth"
     model = build_model(load_config(str(DIGITS_CONFIG)))

@@ -14,11 +14,11 @@ import torch
 from conftest import isolated_training
 from fault_utils import empty_store
 
-from config import load_config
 from engine.checkpoint import load_file
 from engine.run import RUN_ID_FILE
-from tools.rerun import rerun_config
-from tools.train_net import main
+from ptengine.config import load_config
+from ptengine.tools.rerun import rerun_config
+from ptengine.tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS_YAML = str(REPO_ROOT / "config" / "digits.yaml")

@@ -36,7 +36,7 @@ from fault_utils import (
     wait_for_log,
 )
 
-from tools.train_net import main
+from ptengine.tools.train_net import main
 
 EPOCH_ENDS = [ITERS_PER_EPOCH, 2 * ITERS_PER_EPOCH, MAX_ITER]
 

@@ -22,11 +22,11 @@ import torch
 from conftest import isolated_training
 from fault_utils import empty_store
 
-import tools.run_record
-from config import load_config
+import ptengine.tools.run_record
 from engine.run import RUN_ID_FILE, RunFolder, start_tracker
-from tools.build import build_run_record, make_tracker
-from tools.run_record import git_diff
+from ptengine.config import load_config
+from ptengine.tools.build import build_run_record, make_tracker
+from ptengine.tools.run_record import git_diff
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
@@ -127,7 +127,7 @@ def checkout(tmp_path, monkeypatch):
     (repo / "train.py").write_text("LR = 0.1\nEPOCHS = 2\n")
     git("add", "train.py", cwd=repo)
     git("-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "first", cwd=repo)
-    monkeypatch.setattr(tools.run_record, "REPO_ROOT", repo)
+    monkeypatch.setattr(ptengine.tools.run_record, "REPO_ROOT", repo)
     return repo
 
 
@@ -245,7 +245,7 @@ def test_binary_and_large_untracked_files_are_named_not_included(checkout, tmp_p
 def test_outside_a_git_checkout_the_run_simply_has_no_git_tags(tmp_path, monkeypatch, store):
     not_a_repo = tmp_path / "plain_folder"
     not_a_repo.mkdir()
-    monkeypatch.setattr(tools.run_record, "REPO_ROOT", not_a_repo)
+    monkeypatch.setattr(ptengine.tools.run_record, "REPO_ROOT", not_a_repo)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find a repository above it
 
     run, _ = record_of(tmp_path, store)

@@ -37,7 +37,7 @@ from fault_utils import (
     wait_for_log,
 )
 
-from tools.train_net import python_command
+from ptengine.tools.train_net import python_command
 
 A_VERY_LONG_STEP = 120.0  # seconds: a second Ctrl+C must not wait for it
 # Starts a program with Ctrl+C's SIGINT (and SIGQUIT, SIGPIPE, SIGXFSZ) handled by default, as from a terminal.

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from config import ConfigError, load_config
-from solvers import build_lr_scheduler, build_optimizer
+from ptengine.config import ConfigError, load_config
+from ptengine.solvers import build_lr_scheduler, build_optimizer
 
 ITERS_PER_EPOCH = 4
 
@@ -132,7 +132,7 @@ def test_the_schedule_counts_optimizer_steps_so_it_resumes_from_its_state():
 
 
 def test_the_per_iteration_schedule_sets_the_same_lrs_as_torchs_lambda_lr_and_resumes_from_its_state():
-    from solvers.lr_schedulers import PerIterationLR
+    from ptengine.solvers.lr_schedulers import PerIterationLR
 
     def factor(iteration):
         return 0.5 * (1 + math.cos(math.pi * iteration / 40)) * min(1.0, (iteration + 1) / 7)

@@ -2,10 +2,10 @@
 
 import torch
 
-from config import load_config
-from datasets import build_datasets
-from datasets.base import channel_stats
-from datasets.synthetic import build_synthetic
+from ptengine.config import load_config
+from ptengine.datasets import build_datasets
+from ptengine.datasets.base import channel_stats
+from ptengine.datasets.synthetic import build_synthetic
 
 
 def synthetic_config(*opts):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from datasets.base import TensorSplit
-from datasets.batches import InMemoryBatches
-from datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 from engine import Checkpointer, HookBase, LRScheduler, MetricWriter, PeriodicCheckpointer, Trainer
 from engine.checkpoint import load_file, save_file
+from ptengine.datasets.base import TensorSplit
+from ptengine.datasets.batches import InMemoryBatches
+from ptengine.datasets.transforms import BatchTransform, Normalize, RandomCrop, RandomHorizontalFlip, ToTensor
 
 NUM_CLASSES = 3
 

@@ -6,8 +6,16 @@ A transform is called as ``transform(images uint8 [B, C, H, W], sample indices [
 import pytest
 import torch
 
-from config import ConfigError
-from datasets.transforms import PAD, BatchTransform, RandomCrop, RandomHorizontalFlip, ToTensor, build_transform, remap
+from ptengine.config import ConfigError
+from ptengine.datasets.transforms import (
+    PAD,
+    BatchTransform,
+    RandomCrop,
+    RandomHorizontalFlip,
+    ToTensor,
+    build_transform,
+    remap,
+)
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.125)
 

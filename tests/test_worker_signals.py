@@ -10,8 +10,8 @@ from fault_utils import Training, empty_store, load_weights, runs_of, wait_for_l
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.batches import STOP_SIGNALS, LoaderBatches
-from datasets.transforms import BatchTransform
+from ptengine.datasets.batches import STOP_SIGNALS, LoaderBatches
+from ptengine.datasets.transforms import BatchTransform
 
 
 class SignalledWhileLoading(Dataset):

@@ -50,21 +50,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+# Run as a script from any folder. Appended, not first: the project is imported as `ptengine` (ptengine/__init__.py)
+# and its folders never shadow an installed package of the same name (Hugging Face's `datasets`).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import ConfigError, load_config  # noqa: E402
-from datasets import build_datasets  # noqa: E402
-from datasets.batches import dataloader_workers  # noqa: E402
-from datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
 from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  # noqa: E402
 from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
-from networks import MODEL_REGISTRY  # noqa: E402
-from tools.build import (  # noqa: E402
+from ptengine.config import ConfigError, load_config  # noqa: E402
+from ptengine.datasets import build_datasets  # noqa: E402
+from ptengine.datasets.batches import dataloader_workers  # noqa: E402
+from ptengine.datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from ptengine.networks import MODEL_REGISTRY  # noqa: E402
+from ptengine.tools.build import (  # noqa: E402
     build_data,
     build_ema,
     build_model_for_training,

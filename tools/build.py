@@ -12,11 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, flatten_config
-from datasets import DatasetSplits, build_datasets
-from datasets.batches import build_batches
-from datasets.mixing import build_mixing
-from datasets.transforms import build_transform
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
@@ -34,21 +29,26 @@ from engine.precision import AMP_DTYPES
 from engine.run import FinalSteps, RunRecord, make_eval_report, reproducibility_mode
 from engine.tracking import MLflowTracker, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
-from networks import build_model
-from solvers import build_lr_scheduler, build_optimizer
-from tools.dataset_inputs import DatasetInputs
-from tools.run_record import collect_run_record, git_diff, installed_packages
+from ptengine.config import ConfigError, flatten_config
+from ptengine.datasets import DatasetSplits, build_datasets
+from ptengine.datasets.batches import build_batches
+from ptengine.datasets.mixing import build_mixing
+from ptengine.datasets.transforms import build_transform
+from ptengine.networks import build_model
+from ptengine.solvers import build_lr_scheduler, build_optimizer
+from ptengine.tools.dataset_inputs import DatasetInputs
+from ptengine.tools.run_record import collect_run_record, git_diff, installed_packages
 
 logger = logging.getLogger("engine")
 
 
 def check_names(cfg) -> None:
     """Every name the config picks from a registry exists: checked before anything is written or loaded."""
-    from datasets import DATASET_REGISTRY
-    from datasets.transforms import TRANSFORM_REGISTRY
-    from networks import MODEL_REGISTRY
-    from solvers.lr_schedulers import SCHEDULE_REGISTRY
-    from solvers.optimizers import OPTIMIZER_REGISTRY
+    from ptengine.datasets import DATASET_REGISTRY
+    from ptengine.datasets.transforms import TRANSFORM_REGISTRY
+    from ptengine.networks import MODEL_REGISTRY
+    from ptengine.solvers.lr_schedulers import SCHEDULE_REGISTRY
+    from ptengine.solvers.optimizers import OPTIMIZER_REGISTRY
 
     for registry, names in [(DATASET_REGISTRY, [cfg.DATA.DATASET_TYPE]), (TRANSFORM_REGISTRY, cfg.DATA.TRANSFORM_LIST),
                             (MODEL_REGISTRY, [cfg.TRAIN.MODEL_TYPE]), (OPTIMIZER_REGISTRY, [cfg.TRAIN.OPTIMIZER_TYPE]),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from datasets import TensorSplit
+from ptengine.datasets import TensorSplit
 
 CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # as tools/train_net.py does
 
 import torch  # noqa: E402
 
@@ -220,7 +220,7 @@ def max_difference(weights: dict, reference: dict) -> float:
 # ---- --child: a training with a hook -----------------------------------------------------------------------
 def run_child(kind: str, argv: list[str]) -> int:
     from engine.hooks import HookBase
-    from tools.train_net import main as train_net
+    from ptengine.tools.train_net import main as train_net
 
     class KillAfterStep(HookBase):
         def after_step(self):

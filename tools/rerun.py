@@ -2,9 +2,9 @@
 
 import tempfile
 
-from config import ConfigError, load_config
-from config.setup import merge_opts, validate_config
 from engine.tracking import make_client, resolve_tracking_uri
+from ptengine.config import ConfigError, load_config
+from ptengine.config.setup import merge_opts, validate_config
 
 
 def rerun_config(run_id: str, opts: list[str]):

@@ -1,7 +1,7 @@
 """One run from a config: build the objects (tools/build.py), then hand them to the engine's run life
 (engine/run.py), which resumes, trains, finishes and always leaves the MLflow run in a final state.
 
-    from tools.run import train
+    from ptengine.tools.run import train
     train(load_config("config/digits.yaml"), hooks=[MyHook()], loss=my_loss)
 """
 
@@ -10,10 +10,6 @@ import os
 import time
 from pathlib import Path
 
-from config import ConfigError
-from config.defaults import REPO_ROOT
-from config.resume import check_resume_config
-from config.setup import with_output_dir
 from engine.checkpoint import Checkpointer
 from engine.distributed import is_main_process, process_group, select_device
 from engine.hooks import TrainingInterrupted
@@ -27,7 +23,11 @@ from engine.run import (
     newest_run_folder,
     record_evaluation,
 )
-from tools import build
+from ptengine.config import ConfigError
+from ptengine.config.defaults import REPO_ROOT
+from ptengine.config.resume import check_resume_config
+from ptengine.config.setup import with_output_dir
+from ptengine.tools import build
 
 logger = logging.getLogger("engine")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from config.defaults import REPO_ROOT
 from engine.distributed import get_world_size, in_process_group
 from engine.precision import AMP_DTYPES, autocast_runs_on
 from engine.tracking import redact_credentials
+from ptengine.config.defaults import REPO_ROOT
 
 MAX_UNTRACKED_BYTES = 1 << 20  # a larger untracked file is named in the patch, not copied into it
 BINARY_PROBE_BYTES = 8192  # git's own test: a NUL byte in the first 8 KB makes a file binary

@@ -15,20 +15,22 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any folder
+# Run as a script from any folder. Appended, not first: the project is imported as `ptengine` (ptengine/__init__.py)
+# and its folders never shadow an installed package of the same name (Hugging Face's `datasets`).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 # Only light modules here: the arguments are parsed (and --help answered) before torch, torchvision or mlflow
 # is imported, which takes seconds; main() imports the engine once it has something to run.
-from config.defaults import REPO_ROOT  # noqa: E402
+from ptengine.config.defaults import REPO_ROOT  # noqa: E402
 
 EXIT_INTERRUPTED = 130
 
 
 def user_errors() -> tuple:
     """Mistakes a user can make: printed as one line, exit code 2, no traceback (unless --debug)."""
-    from config import ConfigError
-    from datasets import DatasetError
     from engine.checkpoint import CheckpointError
+    from ptengine.config import ConfigError
+    from ptengine.datasets import DatasetError
 
     return ConfigError, DatasetError, CheckpointError, FloatingPointError
 
@@ -63,10 +65,10 @@ def main(argv=None, hooks=(), loss=None) -> int:
     replaces cross-entropy for training. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    from config import setup_config
     from engine.hooks import TrainingInterrupted
-    from tools.rerun import rerun_config
-    from tools.run import evaluate_only, train
+    from ptengine.config import setup_config
+    from ptengine.tools.rerun import rerun_config
+    from ptengine.tools.run import evaluate_only, train
 
     try:
         if args.rerun:

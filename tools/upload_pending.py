@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # as tools/train_net.py does
 
 from engine.tracking import PENDING_FILE, MLflowTracker, read_pending_file  # noqa: E402
 
