@@ -44,9 +44,11 @@ _C.TRAIN.AMP = False
 _C.TRAIN.AMP_DTYPE = "float16"  # float16 or bfloat16; a resume may change it only while TRAIN.AMP is off
 _C.TRAIN.CLIP_GRAD_NORM = 0.0  # clip the global gradient norm to this value; 0 = off
 _C.TRAIN.ACCUM_STEPS = 1  # gradient accumulation: batches per optimizer step; 1 = off
-# Deterministic kernels and cuDNN settings so a run (and a resumed run) gives the same bits.
-# On CUDA this can cost speed (no cuDNN autotuning, deterministic algorithms); the CPU pays nothing.
-_C.TRAIN.DETERMINISTIC = True
+# False (the GPU's fast path): cuDNN autotuning (cudnn.benchmark) and TF32 float32 matmuls and convolutions on
+# GPUs. True: exact reproducibility, deterministic algorithms and full float32, so a run (and a resumed run) gives
+# the same bits; on a GPU this costs speed. Runs on the CPU are exact either way (it pays nothing for it). The
+# MLflow tag `reproducibility` says which ran: exact or fast.
+_C.TRAIN.DETERMINISTIC = False
 _C.TRAIN.SYNC_BN = False  # ddp only: convert BatchNorm layers to SyncBatchNorm
 _C.TRAIN.CHANNELS_LAST = False  # CUDA: channels_last memory format for model and batches
 # torch.compile of the model (inductor). Compiled once per input shape: the full batch and the epoch's last,
@@ -77,7 +79,9 @@ _C.DATA.CACHE_DIR = str(REPO_ROOT / ".data")  # where datasets are downloaded to
 _C.DATA.CLASSES = []
 _C.DATA.DATASET_TYPE = "cifar10"  # cifar10 (also spelled cifer10), digits, image_folder, synthetic
 _C.DATA.INPUT_DIM = 3  # image channels fed to the model (digits are repeated to this many)
-_C.DATA.NUM_WORKERS = 2  # DataLoader workers for folder data (capped at the CPU count)
+# DataLoader workers per process for folder data, capped at the process's share of the CPUs it may use (its
+# affinity, e.g. Slurm's --cpus-per-gpu, divided among the processes torchrun starts on the node).
+_C.DATA.NUM_WORKERS = 2
 # Applied in this order to whole batches on the training device. Random ones (random_crop with padding
 # 4, random_horizontal_flip) act on training batches only. to_tensor scales uint8 to [0, 1];
 # normalize uses the dataset's per-channel mean and std.

@@ -12,8 +12,9 @@ RESUME_MAY_CHANGE = {
     "DATA.PRETRANSFORM", "DATA.CACHE_DIR", "MODEL.WEIGHTS", "MLFLOW.TRACKING_URI", "MLFLOW.RUN_NAME", "LOG.PERIOD",
     "LOG.PROGRESS_BAR", "EVAL.PERIOD", "EVAL.SPLIT", "CHECKPOINT.PERIOD", "CHECKPOINT.KEEP", "MLFLOW.LOG_MODEL",
     "MLFLOW.SYSTEM_METRICS", "MLFLOW.REGISTER_MODEL", "MLFLOW.END_WAIT",
-    # the same computation; compiled kernels may round differently (engine/compile.py)
-    "TRAIN.COMPILE", "TRAIN.COMPILE_BACKEND",
+    # the same computation; compiled kernels may round differently (engine/compile.py), and so may the GPU's fast
+    # ones (cuDNN autotuning, TF32)
+    "TRAIN.COMPILE", "TRAIN.COMPILE_BACKEND", "TRAIN.DETERMINISTIC",
 }
 
 

@@ -10,8 +10,13 @@ with ``mixing`` (datasets/mixing.py: mixup, cutmix) mixes them after the transfo
 per-class probabilities.
 """
 
+import atexit
+import functools
 import math
+import multiprocessing
+import multiprocessing.synchronize
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -137,6 +142,57 @@ class _PlannedBatches:
         return len(self.batches)
 
 
+def usable_cpus() -> int:
+    """This process's share of the CPUs it may run on: its affinity (what Slurm's --cpus-per-gpu or
+    --cpus-per-task, taskset or a container's cpuset allow; ``os.cpu_count()`` counts the whole machine),
+    divided among the processes torchrun started on this node, which share it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def dataloader_workers(requested: int) -> int:
+    """DATA.NUM_WORKERS, capped at this process's share of the CPUs (more workers than that only compete)."""
+    return min(requested, usable_cpus())
+
+
+# Ctrl+C, `kill`, and Slurm's time-limit warning: the stops the training process handles (engine/run.py).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_leaving: multiprocessing.synchronize.Event | None = None  # set when this process exits: workers may then stop
+
+
+def _training_process_leaving() -> multiprocessing.synchronize.Event:
+    """The event a worker's SIGTERM handler reads, set by an exit handler of this process.
+
+    Registered after multiprocessing's own exit handler (imported with torch), so it runs first: that one
+    SIGTERMs the DataLoader workers (daemon processes) that are still alive and joins them.
+    """
+    global _leaving
+    if _leaving is None:
+        _leaving = multiprocessing.Event()
+        atexit.register(_leaving.set)
+    return _leaving
+
+
+def _ignore_stop_signals(leaving, worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the stop signals are the training process's to handle.
+
+    torchrun signals its workers' whole process group, Slurm every process of the step, and a terminal's Ctrl+C
+    its foreground group: a worker that died of the signal made the training process fail with "DataLoader worker
+    is killed by signal" instead of checkpointing. SIGTERM still ends a worker once the training process is
+    leaving (multiprocessing stops its daemon processes that way).
+    """
+    def on_sigterm(signum, frame):
+        if leaving.is_set():
+            os._exit(0)  # a clean exit: the DataLoader reports workers that died of a signal as failures
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 class LoaderBatches(_BatchSource):
     """A folder dataset decoded by DataLoader workers, then moved to the device and transformed in batches."""
 
@@ -145,9 +201,11 @@ class LoaderBatches(_BatchSource):
                  mixing=None):
         super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size, mixing)
         self.planned = _PlannedBatches()
-        workers = min(num_workers, os.cpu_count() or 1)
+        workers = dataloader_workers(num_workers)
         self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                 worker_init_fn=functools.partial(_ignore_stop_signals, _training_process_leaving())
+                                 if workers > 0 else None,
                                  # a worker that dies before its first batch must not leave us waiting forever
                                  timeout=300 if workers > 0 else 0)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from engine.distributed import in_process_group, raise_on_every_rank
+from engine.distributed import broadcast_object, in_process_group, raise_on_every_rank
 
 logger = logging.getLogger("engine")
 
@@ -236,13 +236,23 @@ class Checkpointer:
 
     def set_aside_unreadable(self) -> list[Path]:
         """Rename every periodic checkpoint to ``<name>.unreadable`` (after ``load_newest_valid`` found none that
-        loads), so that a fresh start does not overwrite them; returns the new paths."""
-        kept = []
-        for path in self.checkpoints():
-            kept.append(path.with_name(path.name + ".unreadable"))
-            path.rename(kept[-1])
-        (self.output_dir / POINTER).unlink(missing_ok=True)
-        return kept
+        loads), so that a fresh start does not overwrite them; returns the new paths, on every rank.
+
+        Under DDP only rank 0 (``enabled``) renames, as it alone writes: every rank renaming the same files made
+        some fail with FileNotFoundError while the others waited for them in their next collective. The others
+        wait here for its list (or its error)."""
+        kept, error = [], None
+        if self.enabled:
+            try:
+                for path in self.checkpoints():
+                    kept.append(path.with_name(path.name + ".unreadable"))
+                    path.rename(kept[-1])
+                (self.output_dir / POINTER).unlink(missing_ok=True)
+            except OSError as failure:
+                error = CheckpointError(f"could not set aside the unreadable checkpoints of {self.output_dir}: "
+                                        f"{failure.strerror or failure}; fix the folder's permissions")
+        raise_on_every_rank(error, as_type=CheckpointError)
+        return [Path(name) for name in broadcast_object([str(path) for path in kept])]
 
     def _prune(self) -> None:
         for old in self.checkpoints()[: -self.keep]:

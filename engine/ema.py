@@ -23,8 +23,10 @@ class ModelEMA:
     constant decay would keep the random initial weights in the average for about ``1 / (1 - decay)`` steps;
     the warm-up forgets them within a few dozen, which short runs need.
 
-    Under DDP every rank holds the same weights after each optimizer step, so every rank's EMA is the same
-    without any communication.
+    Under DDP every rank holds the same weights after each optimizer step, so every rank's average is the same
+    without any communication. The copied buffers are each rank's own (without SyncBatchNorm every rank updates
+    its statistics from its share of the batch); rank 0's are the ones saved, and ``engine.evaluation.evaluate``
+    gives them to every rank before it evaluates, so no per-step collective is needed for them.
     """
 
     def __init__(self, model: nn.Module, decay: float):

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from engine.distributed import all_reduce_sum
+from engine.distributed import all_reduce_sum, broadcast_buffers
 from engine.precision import autocast_runs_on
 
 
@@ -12,10 +12,12 @@ def evaluate(model, batches, num_classes: int, device, amp: bool = False, amp_dt
     """Evaluate ``model`` on every batch of ``batches`` (a batch source, no shuffling).
 
     Under DDP each rank evaluates its share and the sums (of loss and of the confusion matrix, so of
-    correct and count) are added over ranks: the result equals a single process's exactly.
+    correct and count) are added over ranks: the result equals a single process's exactly. Every rank first takes
+    rank 0's buffers (``broadcast_buffers``): the ranks evaluate the model rank 0 saves.
     Sums stay on the device and are read once at the end. Returns ``loss`` (mean), ``acc1`` (a fraction),
     ``count`` and ``confusion`` (a CPU ``[true, predicted]`` int64 matrix).
     """
+    broadcast_buffers(model)
     model.eval()
     device = torch.device(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

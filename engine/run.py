@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from engine.checkpoint import Checkpointer, CheckpointError, atomic_write_bytes
-from engine.distributed import broadcast_object, get_world_size, is_main_process
+from engine.distributed import all_gather_objects, broadcast_object, get_world_size, is_main_process
 from engine.eval_report import log_per_class_accuracy
 from engine.figures import confusion_matrix_figure
 from engine.hooks import MetricWriter, TrainingInterrupted
@@ -101,19 +101,37 @@ def newest_run_folder(root: Path) -> str | None:
     return str(found[-1].parent.relative_to(root)) if found else None
 
 
-def configure_reproducibility(seed: int, deterministic: bool) -> None:
+def configure_reproducibility(seed: int, deterministic: bool, device=None) -> str:
+    """Seed the generators and choose between exact and fast kernels; return the mode for the run's record.
+
+    ``deterministic`` (TRAIN.DETERMINISTIC), or a run on the CPU (whose kernels are exact at no cost): "exact",
+    deterministic algorithms, no cuDNN autotuning, float32 matmuls and convolutions in full precision; the same
+    run gives the same bits, resumed or not. Else, on a GPU: "fast", cuDNN times its algorithms for each new input
+    shape and picks the fastest (cudnn.benchmark), and float32 matmuls and convolutions run in TF32 on GPUs that
+    have it (Ampere and newer: several times the float32 matmul throughput, a 10-bit mantissa).
+    """
     # Not Python's global random: MLflow draws run names from it, and seeding it named every run alike.
     np.random.seed(seed)
     torch.manual_seed(seed)  # identical model initialisation in every process
-    if deterministic:
+    mode = reproducibility_mode(deterministic, device)
+    exact = mode == "exact"
+    if exact:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        set_deterministic(True)
-    else:
-        torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms for each new input shape, picks the fastest
-        torch.backends.cudnn.deterministic = False
-        set_deterministic(False)
+    torch.backends.cudnn.benchmark = not exact
+    torch.backends.cudnn.deterministic = exact
+    set_deterministic(exact)
+    # The allow_tf32 flags, not torch 2.14's newer fp32_precision settings: after setting those (cudnn.conv's alone,
+    # or matmul's to tf32), reading the flags or torch.get_float32_matmul_precision() raises, and torch.export
+    # reads them: logging the model failed.
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+    torch.backends.cudnn.allow_tf32 = not exact
+    return mode
+
+
+def reproducibility_mode(deterministic: bool, device=None) -> str:
+    """"exact" or "fast" (see ``configure_reproducibility``); ``device`` None: as if on a GPU."""
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    return "exact" if deterministic or on_cpu else "fast"
 
 
 def set_deterministic(mode: bool, warn_only: bool = True) -> None:
@@ -130,6 +148,11 @@ def find_resume_point(checkpointer: Checkpointer, check_config: Callable[[str, P
     """The newest checkpoint that loads, as ``(path, state)``, after ``check_config(saved_yaml, path)`` accepted
     the config it was written with; None starts fresh (unreadable checkpoints are kept under another name)."""
     found = checkpointer.load_newest_valid()
+    chosen = all_gather_objects(found[0].name if found else None)
+    if len(set(chosen)) > 1:  # e.g. a node that sees another folder, or an older copy of it
+        raise CheckpointError(f"--resume: the ranks found different checkpoints in {checkpointer.output_dir} "
+                              f"({', '.join(f'rank {rank}: {name}' for rank, name in enumerate(chosen))}); "
+                              "give every node the same OUTPUT_DIR on a shared filesystem")
     if found is None:
         unreadable = checkpointer.set_aside_unreadable()
         if unreadable:
@@ -235,6 +258,8 @@ class TrainingRun:
         if final.evaluate_test is not None:
             self._evaluate_test()
         if tracker is not None and final.log_model and final.card is not None:
+            if get_world_size() > 1:  # they wait without a timeout (engine.distributed.wait_for_main_process)
+                logger.info("logging the model to MLflow on rank 0; the other ranks wait for it")
             card = replace(final.card, metric_datasets=final.metric_datasets())
             info = tracker.log_model(model, final.example_input, card, step=trainer.iter,
                                      register_as=final.register_as)

@@ -162,7 +162,7 @@ class Runner:
             resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
                 if resume else None
             folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
-            configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC)
+            configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC, device)
             if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
                 logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 (bfloat16 runs on the CPU)")
             run = self._build(cfg, checkpointer, tracker, device, num_gpus)

@@ -47,6 +47,7 @@ RESTART_WAIT = 150  # seconds a restarted run may take after the kill (an uninte
 RESTARTED = "restarted by torchrun"
 ONE_RANK = "one rank under torchrun"
 NAN_ON_RANK_1 = "nan on rank 1"
+NO_RESTART = "a config error with restarts allowed"
 FAULT_SCRIPT = Path(__file__).resolve().parent / "fault_utils.py"  # train_net.py with hooks chosen by FAULT_* variables
 NOISE = process_env(FAULT_RANK_NOISE=".")  # RankNoise writes noise_rank<r>.txt into the training's folder
 
@@ -161,6 +162,8 @@ def trainings(tmp_path_factory):
         with_worker_logs = torchrun(*two_processes, *worker_logs)
         launch("dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp", store=False)
         launch("odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63", store=False)
+        launch(NO_RESTART, [torchrun(*two_processes, *worker_logs, "--max-restarts", "2")], "TRAIN.BATCH_SIZE", "63",
+               store=False)
         launch(ONE_RANK, [torchrun("--standalone", "--nproc_per_node", "1")], "TRAIN.MAX_EPOCHS", "1")
         # Metrics are checked every 5 steps: the check after step 5 is where rank 1 alone has a NaN loss.
         launch(NAN_ON_RANK_1, [torchrun(*two_processes, *worker_logs, script=FAULT_SCRIPT)], "LOG.PERIOD", "5",
@@ -293,6 +296,17 @@ def assert_every_worker_printed_one_error_line(training: Training, *fragments: s
         assert all(fragment in text for fragment in fragments), text
     assert re.search(r"exitcode\s*:\s*2\b", training.report()), training.report()  # the user-error exit code
     assert not (training.workdir / "store").exists()  # no MLflow run was started
+
+
+def test_an_error_every_rank_agreed_on_ends_the_job_without_a_restart(trainings):
+    training = trainings[NO_RESTART]  # torchrun --max-restarts 2 would repeat the same error twice more
+    assert None not in training.returncodes and training.returncodes != [0], training.report()
+    attempts = sorted(path.name for path in training.workdir.glob("workers/*/attempt_*"))
+    assert attempts == ["attempt_0"], training.report()
+    printed = training.worker_stderr()
+    assert len(printed) == 2 and all(text.startswith("error: TRAIN.BATCH_SIZE 63 ") for text in printed), printed
+    told = "".join(path.read_text() for path in training.workdir.glob("workers/*/attempt_0/0/stdout.log"))
+    assert "this error would repeat after a restart: ending the torchrun job (no restart)" in told
 
 
 def test_the_dp_backend_under_torchrun_is_one_clear_error(trainings):

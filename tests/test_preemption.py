@@ -17,6 +17,7 @@ import pytest
 from fault_utils import runs_of
 
 from engine import HookBase
+from ptengine.datasets.batches import dataloader_workers
 from ptengine.tools.train_net import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ def test_slurm_train_runs_torchrun_on_every_node_and_requeues_the_job_on_sigusr1
     assert recorded(slurm, "srun") == [
         "--kill-on-bad-exit=1", str(slurm["repo"] / ".venv" / "bin" / "torchrun"),
         "--nnodes", "2", "--nproc_per_node", "2",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:29500", "--rdzv-id", "4242", "--max-restarts", "3",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:19242", "--rdzv-id", "4242", "--max-restarts", "3",
         "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout", "75",
         "tools/train_net.py", "--config-file", "config/digits.yaml", "OUTPUT_DIR", str(slurm["output_dir"]),
         "TRAIN.DISTRIBUTED_BACKEND", "ddp"]
@@ -126,6 +127,43 @@ def test_a_requeued_job_resumes_and_a_finished_one_is_not_requeued(slurm):
     assert job.returncode == 0, err
     assert recorded(slurm, "srun")[-3:] == ["--resume", "TRAIN.DISTRIBUTED_BACKEND", "ddp"]
     assert recorded(slurm, "scancel") == [] and recorded(slurm, "scontrol") == []
+
+
+def rendezvous_of(slurm, **env) -> list[str]:
+    """The torchrun arguments between --nproc_per_node N and --max-restarts of a job that ends at once."""
+    job = start_job(slurm, FAKE_SRUN_EXIT="0", **env)
+    job.communicate(timeout=30)
+    srun = recorded(slurm, "srun")
+    return srun[srun.index("--nproc_per_node") + 2:srun.index("--max-restarts")]
+
+
+def test_jobs_sharing_a_head_node_each_have_their_own_rendezvous(slurm):
+    # A fixed port made the second job a client of the first one's store, torn down when the first ended.
+    first, second = rendezvous_of(slurm), rendezvous_of(slurm, SLURM_JOB_ID="4243")
+    assert first == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:19242", "--rdzv-id", "4242"]
+    assert second == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "node-a:19243", "--rdzv-id", "4243"]
+    assert rendezvous_of(slurm, RDZV_PORT="23456")[3] == "node-a:23456"
+
+
+def test_a_one_node_job_rendezvous_on_a_free_port_of_its_own(slurm):
+    assert rendezvous_of(slurm, SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node-a") == ["--standalone"]
+
+
+def test_the_job_asks_for_cpus_for_its_dataloader_workers():
+    assert "#SBATCH --cpus-per-gpu=8" in SLURM_TRAIN.read_text().splitlines()
+
+
+def test_dataloader_workers_are_sized_from_the_cpus_this_process_may_use(monkeypatch):
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # as Slurm's --cpus-per-gpu or taskset confine a process
+        assert dataloader_workers(8) == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(len(allowed)))  # torchrun's processes of this node share them
+    assert dataloader_workers(8) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert dataloader_workers(8) == min(8, len(allowed)) and dataloader_workers(0) == 0
 
 
 def test_slurm_train_without_output_dir_is_one_error_line(slurm):

@@ -2,7 +2,7 @@
 
     python tools/train_net.py --rerun 0739612f26ce431ca9b7597387390a98 MLFLOW.TRACKING_URI sqlite:////path/mlflow.db
 
-The new run is tagged ``rerun_of``; on the CPU with TRAIN.DETERMINISTIC (the default) it computes the same
+The new run is tagged ``rerun_of``; on the CPU (exact whatever TRAIN.DETERMINISTIC says) it computes the same
 weights, bit for bit. The module shares one 1-epoch digits run and its re-run, both in-process.
 """
 

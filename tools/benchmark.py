@@ -63,6 +63,7 @@ from engine.hooks import EvalHook, HookBase, PeriodicCheckpointer, ProgressBar  
 from engine.run import RunFolder, configure_reproducibility, start_tracker  # noqa: E402
 from ptengine.config import ConfigError, load_config  # noqa: E402
 from ptengine.datasets import build_datasets  # noqa: E402
+from ptengine.datasets.batches import dataloader_workers  # noqa: E402
 from ptengine.datasets.image_folder import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from ptengine.networks import MODEL_REGISTRY  # noqa: E402
 from ptengine.tools.build import (  # noqa: E402
@@ -440,7 +441,7 @@ def run_torchvision_folder(workspace: Workspace) -> RunResult:
     device = torch.device(workspace.args.device)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     dataset = tv_datasets.ImageFolder(str(workspace.image_folder() / "train"), transform=transform)
-    workers = min(cfg.DATA.NUM_WORKERS, os.cpu_count() or 1)  # the engine's cap (datasets/batches.py)
+    workers = dataloader_workers(cfg.DATA.NUM_WORKERS)  # the engine's cap
     loader = DataLoader(dataset, batch_size=cfg.TRAIN.BATCH_SIZE, shuffle=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(cfg.SEED))

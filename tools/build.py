@@ -19,13 +19,20 @@ from torch.utils.data import DataLoader
 from engine import hooks as engine_hooks
 from engine.checkpoint import CheckpointError, load_file
 from engine.compile import COMPILE_BACKEND_REGISTRY, compile_model
-from engine.distributed import barrier, get_rank, get_world_size, module_to_evaluate, unwrapped, wrap_model
+from engine.distributed import (
+    get_rank,
+    get_world_size,
+    module_to_evaluate,
+    unwrapped,
+    wait_for_main_process,
+    wrap_model,
+)
 from engine.ema import EMAHook, FinalWeights, ModelEMA
 from engine.eval_report import PerClassAccuracyReport
 from engine.evaluation import evaluate
 from engine.pace import RunPace
 from engine.precision import AMP_DTYPES
-from engine.run import FinalSteps, RunRecord
+from engine.run import FinalSteps, RunRecord, reproducibility_mode
 from engine.tracking import MLflowTracker, ModelCard, redact_credentials, resolve_tracking_uri
 from engine.trainer import Trainer
 from ptengine.config import ConfigError, flatten_config
@@ -101,11 +108,14 @@ def build_data(cfg, device, train_data=None, val_data=None) -> Data:
     if train_data is not None or val_data is not None:
         splits = splits_from_objects(train_data, val_data, len(cfg.DATA.CLASSES))
     else:
+        if world_size > 1 and rank == 0:
+            logger.info(f"preparing the {cfg.DATA.DATASET_TYPE} dataset (a download, the first time) on rank 0; "
+                        f"the other {world_size - 1} rank(s) wait for it")
         if rank != 0:
-            barrier()  # rank 0 downloads/prepares first, so processes never race on the cache folder
+            wait_for_main_process()  # rank 0 prepares first, so processes never race on the cache folder
         splits = build_datasets(cfg)
         if rank == 0:
-            barrier()
+            wait_for_main_process()
     mixing = build_mixing(cfg, world_size)  # mixup / cutmix of the training batches (None = off)
 
     def batches(split, train):
@@ -249,6 +259,7 @@ def build_run_record(cfg, device, num_gpus: int, data: Data, tracker, extra_tags
     """Params (the flattened config), tags (where the run came from, where its files are, what it trained),
     config.yaml, the package list and the diff, and the dataset inputs (computed in the background)."""
     tags = {**collect_run_record(cfg, device, num_gpus), "output_dir": cfg.OUTPUT_DIR,
+            "reproducibility": reproducibility_mode(cfg.TRAIN.DETERMINISTIC, device),  # exact, or fast on a GPU
             "mlflow.note.content": description or run_description(cfg, data), **extra_tags}
     texts = {"requirements-freeze.txt": installed_packages()}
     if tags.get("git_dirty") == "True":

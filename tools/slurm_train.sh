@@ -13,10 +13,17 @@
 #
 # torchrun gives the workers SHUTDOWN_TIMEOUT seconds after passing a signal on, then sends SIGKILL; keep it
 # below the 90 s of warning, and LOG.PERIOD steps plus one checkpoint well within it.
+#
+# Each job has a rendezvous of its own, so that jobs sharing a node never join each other's: on one node torchrun
+# runs --standalone (a free port of its own); on several, the head node listens on RDZV_PORT, by default
+# 15000 + the job id modulo 10000 (below Linux's ephemeral ports; set RDZV_PORT to choose another). The job asks
+# for 8 CPUs per GPU (--cpus-per-gpu; change it on the sbatch line); each process sizes its DataLoader workers
+# (DATA.NUM_WORKERS at most) from its share of the CPUs Slurm gave it.
 #SBATCH --job-name=train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-gpu=8
 #SBATCH --time=04:00:00
 #SBATCH --signal=B:USR1@90
 #SBATCH --requeue
@@ -40,7 +47,13 @@ fi
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi --list-gpus | wc -l)}}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-75}
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+if [ "$SLURM_JOB_NUM_NODES" -eq 1 ]; then
+    rendezvous="--standalone"
+else
+    HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    RDZV_PORT=${RDZV_PORT:-$((15000 + SLURM_JOB_ID % 10000))}
+    rendezvous="--rdzv-backend c10d --rdzv-endpoint $HEAD_NODE:$RDZV_PORT --rdzv-id $SLURM_JOB_ID"
+fi
 
 stop_requested=0
 # shellcheck disable=SC2329  # invoked by the trap below
@@ -53,9 +66,10 @@ pass_on_the_warning() {
 trap pass_on_the_warning USR1
 
 cd "$REPO" || exit 2
+# shellcheck disable=SC2086  # $rendezvous is several arguments
 srun --kill-on-bad-exit=1 "$REPO/.venv/bin/torchrun" \
     --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
-    --rdzv-backend c10d --rdzv-endpoint "$HEAD_NODE:29500" --rdzv-id "$SLURM_JOB_ID" --max-restarts 3 \
+    $rendezvous --max-restarts 3 \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT" \
     tools/train_net.py "$@" TRAIN.DISTRIBUTED_BACKEND ddp &
 training=$!
