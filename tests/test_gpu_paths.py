@@ -110,7 +110,7 @@ def test_deterministic_or_on_the_cpu_the_run_is_exact(torch_settings, determinis
 
 def test_the_run_record_says_which_mode_ran(small_run_opts, run_dir):
     assert main(small_run_opts) == 0  # on the CPU: exact, whatever TRAIN.DETERMINISTIC says
-    (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="Default")
+    (run,) = runs_of(f"sqlite:///{run_dir / 'store' / 'mlflow.db'}", experiment="synthetic")
     assert run.data.tags["reproducibility"] == "exact"
 
 

@@ -61,4 +61,4 @@ def test_sigterm_to_the_process_group_of_an_image_folder_run_checkpoints_and_end
     assert "killed by signal" not in training.stderr
     assert "stopped by SIGTERM at iteration 3" in training.stderr
     assert load_weights(output_dir / (output_dir / "last_checkpoint").read_text())["iteration"] == 3
-    assert [run.info.status for run in runs_of(tracking_uri, "Default")] == ["KILLED"]
+    assert [run.info.status for run in runs_of(tracking_uri, "images")] == ["KILLED"]  # named after the folder
