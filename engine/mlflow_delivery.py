@@ -368,6 +368,7 @@ class DeliveryServer:
         self._sampler_options: dict | None = None
         self._lock = threading.Lock()
         self._client = None  # opened early ("open"), while the training process is still being built
+        self.status_asked = False  # the training process asked for the run's final status
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
@@ -376,6 +377,7 @@ class DeliveryServer:
         elif kind == "start":
             self._start(**message[1])
         elif kind == "items":
+            self.status_asked = self.status_asked or any(item[0] == "status" for item in message[1])
             self.queue.extend(message[1])
         elif kind == "flush":
             self.queue.hurry()
@@ -439,6 +441,18 @@ class DeliveryServer:
         self._stop_sampler()
         if self.queue is not None:
             self.queue.close(timeout=0)  # the training process saved what is undelivered
+        if self.run is not None and self.run.exists and not self.status_asked:
+            self._mark_failed()
+
+    def _mark_failed(self) -> None:
+        """The training process is gone without a final status (kill -9, out of memory, a lost node): the run
+        must not stay RUNNING. FAILED, until a --resume re-attaches it."""
+        try:
+            self.run.client.set_terminated(self.run.run_id, status="FAILED")
+            logger.warning(f"the training process ended without a final status: MLflow run {self.run.run_id} "
+                           "marked FAILED (a --resume continues it)")
+        except Exception as error:  # the store is unreachable: nothing more can be done from here
+            logger.warning(f"MLflow run {self.run.run_id} could not be marked FAILED ({short(error)})")
 
 
 class _ForwardToParent(logging.Handler):

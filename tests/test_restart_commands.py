@@ -133,7 +133,7 @@ def test_a_resume_on_another_number_of_processes_warns_and_is_recorded(interrupt
     assert run.data.tags["resumed_at_iteration_5"] == "world_size 2 -> 1"
 
 
-def test_a_second_process_on_a_run_folder_in_use_is_refused_and_a_killed_ones_folder_is_not(tmp_path):
+def test_a_second_process_on_a_run_folder_in_use_is_refused_and_a_killed_ones_folder_and_run_are_not(tmp_path):
     tracking_uri = empty_store(tmp_path / "store")
     args = small_run_args(tmp_path / "run", tracking_uri, "TRAIN.MAX_EPOCHS", "2")
     with Training(args, tmp_path, name="first", slow_step=2.0, slow_steps=(3,)) as first:
@@ -145,7 +145,10 @@ def test_a_second_process_on_a_run_folder_in_use_is_refused_and_a_killed_ones_fo
         (line,) = second.stderr.strip().splitlines()
         assert line.startswith(f"error: OUTPUT_DIR {tmp_path / 'run'} is in use by process {first.pid} on ")
         assert "wait for that training to end (or stop it), or choose another OUTPUT_DIR" in line
-        first.kill()  # kill -9: its lock goes with it
+        os.kill(first.pid, signal.SIGKILL)  # kill -9 of the training process alone (as the OOM killer does)
+        first.wait()
+        # Its lock goes with it, and its MLflow run does not stay RUNNING: the delivery process marks it FAILED.
+        wait_for(lambda: [run.info.status for run in runs_of(tracking_uri)] == ["FAILED"], "the run FAILED")
     resumed = Training([*args, "--resume"], tmp_path, name="resumed").start()
     assert resumed.wait() == 0, resumed.tail()
     assert "in use by" not in resumed.stderr
