@@ -108,6 +108,8 @@ _C.MLFLOW.EXPERIMENT_NAME = ""
 # (sqlite:///<repo>/mlruns/mlflow.db with artifacts in <repo>/mlruns/artifacts).
 _C.MLFLOW.TRACKING_URI = ""
 _C.MLFLOW.RUN_NAME = ""  # empty = MLflow picks a name
+# False: no MLflow run at all (no tracker, no delivery process); the run's files and log.txt only.
+_C.MLFLOW.ENABLED = True
 # Log the trained model with mlflow.pytorch.log_model at the end (torch.export "pt2" format: loading it
 # back does not unpickle code).
 _C.MLFLOW.LOG_MODEL = True

@@ -15,7 +15,8 @@ through the ``builder`` (``tools/build.py`` is the project's). The life, step by
 3. with ``resume``: the newest checkpoint that loads and fits the config (before config.yaml is rewritten);
 4. the objects: data, model (+ EMA), trainer and hooks, the run's record, the final steps;
 5. training under signal handling (Ctrl+C, SIGTERM, SIGUSR1 finish the step and checkpoint), the final
-   evaluation and model, and an MLflow run that always ends FINISHED, FAILED or KILLED.
+   evaluation and model, and an MLflow run that always ends FINISHED, FAILED or KILLED (none with
+   ``MLFLOW.ENABLED False``: the run's folder and log.txt only).
 
 A run interrupted by a signal returns a ``RunResult`` with status ``KILLED`` (its checkpoint is written);
 ``train(resume=True)`` with the same OUTPUT_DIR continues it bit for bit. A second Ctrl+C raises
@@ -158,7 +159,7 @@ class Runner:
         kind = "rerun" if "rerun_of" in self.tags else ""  # the start of the run's name
         tracker = run = None
         try:
-            tracker = self.builder.make_tracker(cfg, folder, kind) if is_main_process() else None
+            tracker = self.builder.make_tracker(cfg, folder, kind) if tracks(cfg) else None
             resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
                 if resume else None
             folder.write_config(cfg.dump())  # after the resume check: a refused resume leaves the old config.yaml
@@ -248,12 +249,17 @@ class Runner:
         split = cfg.EVAL.SPLIT
         logger.info(f"{split}_loss {results['loss']:.4f}  {split}_acc1 {results['acc1']:.4f}  "
                     f"({results['count']} images)")
-        if is_main_process():
+        if tracks(cfg):
             description = (f"evaluation of {cfg.MODEL.WEIGHTS} on the {split} split of {cfg.DATA.DATASET_TYPE} "
                            f"({results['count']} images)")
             record = self.builder.build_run_record(cfg, device, num_gpus, data, None, {"mode": "eval-only"},
                                                    description)
             record_evaluation(self.builder.make_tracker(cfg, folder, "eval"), record, split, results, cfg.DATA.CLASSES)
+
+
+def tracks(cfg) -> bool:
+    """Whether this process records the run in MLflow: the first process, unless MLFLOW.ENABLED is False."""
+    return is_main_process() and cfg.MLFLOW.ENABLED
 
 
 def _api_resume_hint(output_dir: Path | None) -> str:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ptengine.tools.benchmark import MODES, TINY_MODES
+from ptengine.tools.benchmark import MODES, TINY_MODES, Workspace, parse_args, run_mode
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "tools" / "benchmark.py"
 # --workers 0: the folder modes read in the main process (four worker processes, each importing torch, saved)
@@ -70,3 +70,16 @@ def test_the_tiny_modes_alone_print_the_per_step_table(tmp_path):
     assert "per-step cost on a model of negligible compute" in result.stdout
     assert re.search(r"^tiny_engine\s+\d+\.\d\s+-?\d+\.\d\s", result.stdout, re.MULTILINE)
     assert result.stdout.splitlines()[-1] == "engine/bare n/a"
+
+
+def test_the_mode_without_mlflow_trains_through_the_api_and_leaves_no_mlflow_store(tmp_path):
+    args = parse_args([*TINY, "--modes", "tiny_engine_no_mlflow", "--tiny-steps", "8"])
+    workspace = Workspace(tmp_path, args)
+    try:
+        result = run_mode(workspace, "tiny_engine_no_mlflow", with_costs=False)
+    finally:
+        workspace.close()
+
+    assert len(result.times.wall) == 1 + args.epochs  # the benchmark's hook timed every epoch of the run
+    assert [path.name for path in (tmp_path / "runs").glob("*/model_final.pth")] == ["model_final.pth"]
+    assert not (tmp_path / "store").exists()  # MLFLOW.ENABLED False: no tracker, so no store was created

@@ -1,7 +1,7 @@
 """Turn a frozen config into the objects the engine runs: data, model, solver, hooks, trainer.
 
-``tools/train_net.py`` and ``tools/benchmark.py`` build through these functions, so the benchmark measures
-exactly what a user runs.
+The project's builder of ``engine.Runner`` (``ptengine.Runner`` hands it over): ``tools/train_net.py``,
+``tools/benchmark.py`` and a user's own script all build their runs through these functions.
 """
 
 import functools

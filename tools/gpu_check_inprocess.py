@@ -4,7 +4,6 @@ and the speed of the engine against a bare loop (tools/benchmark.py's modes).
 """
 
 import gc
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -140,25 +139,22 @@ SPEED_ARGS = ["--device", "cuda", "--model", "resnet18", "--amp", "--channels-la
 
 
 def engine_against_bare_loop(folder: Path, argv=tuple(SPEED_ARGS)) -> tuple[float, float]:
-    """Images per second of the engine and of the bare loop, tools/benchmark.py's modes in this process (the
-    order reversed every other repeat, medians of the timed epochs)."""
+    """Images per second of the engine (a ``ptengine.Runner`` run, as a user starts one) and of the bare loop,
+    tools/benchmark.py's modes in this process (the order reversed every other repeat, medians of the timed
+    epochs)."""
     from ptengine.tools import benchmark
 
     args = benchmark.parse_args(list(argv))
     results = {mode: benchmark.ModeStats() for mode in args.modes}
-    engine_logger = logging.getLogger("engine")
-    saved = engine_logger.handlers, engine_logger.propagate
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as root:
         workspace = benchmark.Workspace(Path(root), args)
-        engine_logger.handlers, engine_logger.propagate = [logging.StreamHandler(workspace.devnull)], False
         try:
             for repeat in range(args.repeats):
                 for mode in args.modes if repeat % 2 == 0 else args.modes[::-1]:
                     benchmark.record(results[mode], benchmark.run_mode(workspace, mode, with_costs=False))
                     gc.collect()
         finally:
-            engine_logger.handlers, engine_logger.propagate = saved
             workspace.close()
     speed = {mode: benchmark.images_per_second(stats, args.images) for mode, stats in results.items()}
     print(f"  speed: engine {speed['engine']:,.0f} img/s, bare {speed['bare']:,.0f} img/s", file=sys.stderr)
