@@ -10,8 +10,7 @@ started once per module by ``trainings``, all at the same time (each spends most
     torchrun --standalone --nproc_per_node 1 ...                            a one-rank process group
     torchrun --standalone --nproc_per_node 2 tests/fault_utils.py ...       rank 1's loss becomes NaN
 
-plus two launches that must stop with a clear error (the DP backend, and a batch size that does not divide
-over the processes, launched with restarts allowed). How every rank shares out the batches is tested
+plus two launches that must stop with a clear error. How every rank shares out the batches is tested
 without processes in test_batches.py.
 
 The DDP training is launched as two nodes, so that one launch covers both the rendezvous over TCP and DDP
@@ -162,8 +161,7 @@ def trainings(tmp_path_factory):
         worker_logs = ("--log-dir", "workers", "--redirects", "3")
         with_worker_logs = torchrun(*two_processes, *worker_logs)
         launch("dp backend", [with_worker_logs], "TRAIN.DISTRIBUTED_BACKEND", "dp", store=False)
-        # A batch size that does not divide over the 2 processes, with restarts allowed: one launch for two stories
-        # (the error line itself, and no restart after an error every rank agreed on).
+        launch("odd batch size", [with_worker_logs], "TRAIN.BATCH_SIZE", "63", store=False)
         launch(NO_RESTART, [torchrun(*two_processes, *worker_logs, "--max-restarts", "2")], "TRAIN.BATCH_SIZE", "63",
                store=False)
         launch(ONE_RANK, [torchrun("--standalone", "--nproc_per_node", "1")], "TRAIN.MAX_EPOCHS", "1")
@@ -317,7 +315,7 @@ def test_the_dp_backend_under_torchrun_is_one_clear_error(trainings):
 
 
 def test_a_batch_size_that_does_not_divide_over_the_processes_is_one_clear_error(trainings):
-    assert_every_worker_printed_one_error_line(trainings[NO_RESTART], "TRAIN.BATCH_SIZE 63",
+    assert_every_worker_printed_one_error_line(trainings["odd batch size"], "TRAIN.BATCH_SIZE 63",
                                                "multiple of 2")
 
 
