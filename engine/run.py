@@ -352,7 +352,8 @@ def stop_on_signals(trainer):
         if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         again = "; Ctrl+C again stops at once" if signum == signal.SIGINT else ""
-        logger.warning(f"{name} received: stopping after this step with a checkpoint{again}")
+        if is_main_process():  # every rank gets the signal (torchrun, Slurm, Ctrl+C): one line says so
+            logger.warning(f"{name} received: stopping after this step with a checkpoint{again}")
         trainer.request_stop(name)
 
     if threading.current_thread() is threading.main_thread():

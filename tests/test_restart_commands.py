@@ -100,6 +100,7 @@ def test_the_printed_command_of_torchrun_resumes_as_the_same_processes(interrupt
     folder, launch = interrupted_torchrun
     output = launch.log_path.read_text()
     assert output.count("continue it with") == 1, output[-3000:]  # only rank 0 prints
+    assert output.count("SIGUSR1 received: stopping after this step") == 1, output[-3000:]
     lines = output.splitlines()
     command = lines[lines.index(next(line for line in lines if "continue it with" in line)) + 1]
     assert command.startswith(".venv/bin/torchrun --standalone --nproc_per_node 2 tests/fault_utils.py "
