@@ -116,6 +116,7 @@ class Runner:
         if not cfg.MODEL.WEIGHTS and self.model is None:
             raise ConfigError("--eval-only needs the weights to evaluate: add MODEL.WEIGHTS <path to .pth>")
         with process_state_kept(), process_group(cfg.TRAIN.DISTRIBUTED_BACKEND, cfg.TRAIN.GPUS):
+            self.builder.check_names(cfg, given=self._given())  # IMPORTS too: a model of yours by its name
             device, num_gpus = select_device(cfg.TRAIN.GPUS, cfg.TRAIN.DISTRIBUTED_BACKEND)
             folder = self._open_folder()
             cfg = with_output_dir(cfg, folder.path)

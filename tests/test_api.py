@@ -4,6 +4,7 @@ bit for bit, and the same model by its registered name from the command line."""
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import isolated_training
 from fault_utils import empty_store, metric_history, process_env, runs_of, stand_ins
 
 import ptengine
 from engine import HookBase, RunResult
+from ptengine.tools.train_net import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "own_model_and_data.py"
+DIGITS_CONFIG = REPO_ROOT / "config" / "digits.yaml"
 
 
 def load_example():
@@ -160,6 +164,15 @@ def test_a_model_registered_in_a_file_of_yours_trains_from_the_command_line(tmp_
     assert saved_config.IMPORTS == [str(EXAMPLE)]  # a rerun of the run imports it again
     saved = torch.load(output_dir / "model_final.pth", weights_only=True)
     assert "features.0.weight" in saved  # ShapesNet's own layers
+
+    # ... and its weights are evaluated by name with --eval-only (in this process: the same command line).
+    evaluation = tmp_path / "evaluation"
+    with isolated_training(tmp_path):
+        code = main(["--eval-only", "--import", str(EXAMPLE), "--config-file", str(DIGITS_CONFIG),
+                     "TRAIN.MODEL_TYPE", "shapes_net", "MODEL.WEIGHTS", str(output_dir / "model_final.pth"),
+                     "OUTPUT_DIR", str(evaluation), "MLFLOW.ENABLED", "False", "TRAIN.GPUS", "0"])
+    assert code == 0
+    assert re.search(r"val_acc1 0\.\d{4}  \(449 images\)", (evaluation / "log.txt").read_text())
 
 
 def test_an_unknown_import_is_one_error_line(tmp_path):
