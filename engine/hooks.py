@@ -23,8 +23,9 @@ collects metrics (``storage.put(name, value, step)``), ``latest_eval`` is the ne
 that keeps state across a resume implements ``state_dict``/``load_state_dict`` and names it with ``state_key``:
 it is saved under that name in every checkpoint.
 
-The built-in hooks, in the order ``tools/build.py`` registers them: LRScheduler, EpochTimer, EvalHook,
-MetricWriter, your hooks, BestCheckpointer, PeriodicCheckpointer, ProgressBar.
+The built-in hooks, in the order ``tools/build.py`` registers them: EMAHook (with TRAIN.EMA_DECAY), LRScheduler,
+EpochTimer, EvalHook, PerClassAccuracyReport (with MLflow), MetricWriter, your hooks, BestCheckpointer,
+PeriodicCheckpointer, ProgressBar.
 """
 
 import logging
@@ -132,14 +133,14 @@ class EvalHook(HookBase):
     """Runs ``eval_function() -> {"loss": .., "acc1": .., ...}`` every ``period`` epochs and after the last.
 
     Scalars are stored as ``<prefix>_<name>`` (``val_loss``, ``val_acc1``) at the current iteration; the
-    full result (confusion matrix included) stays in ``trainer.latest_eval`` for other hooks, and is handed
-    to ``report(results, iteration)`` when given (per-class figures and tables).
+    full result (confusion matrix included) stays in ``trainer.latest_eval`` for other hooks (the per-class
+    report, engine/eval_report.py, reads it there).
     """
 
     NOT_METRICS = ("count",)  # a constant of the split, not a curve worth a chart
 
-    def __init__(self, eval_function, period: int, prefix: str = "val", report=None):
-        self.eval_function, self.period, self.prefix, self.report = eval_function, period, prefix, report
+    def __init__(self, eval_function, period: int, prefix: str = "val"):
+        self.eval_function, self.period, self.prefix = eval_function, period, prefix
 
     def after_epoch(self):
         if not is_period_end(self.trainer.epoch + 1, self.period, self.trainer.max_epochs):
@@ -150,8 +151,6 @@ class EvalHook(HookBase):
                 self.trainer.storage.put(f"{self.prefix}_{name}", value, self.trainer.iter)
         self.trainer.latest_eval = {f"{self.prefix}_{k}": v for k, v in results.items()}
         self.trainer.latest_eval["iteration"] = self.trainer.iter
-        if self.report is not None:
-            self.report(results, self.trainer.iter)
         self.trainer.model.train()
 
 
