@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -176,8 +177,14 @@ def _training_process_leaving() -> multiprocessing.synchronize.Event:
     return _leaving
 
 
-def _ignore_stop_signals(leaving, worker_id: int) -> None:
-    """A DataLoader worker's ``worker_init_fn``: the stop signals are the training process's to handle.
+def _worker_init(leaving, closed, worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: it ignores the stop signals and ends when its source is closed."""
+    _ignore_stop_signals(leaving)
+    threading.Thread(target=_exit_when_set, args=(closed,), name="exit-when-closed", daemon=True).start()
+
+
+def _ignore_stop_signals(leaving) -> None:
+    """The stop signals are the training process's to handle.
 
     torchrun signals its workers' whole process group, Slurm every process of the step, and a terminal's Ctrl+C
     its foreground group: a worker that died of the signal made the training process fail with "DataLoader worker
@@ -193,6 +200,18 @@ def _ignore_stop_signals(leaving, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def _exit_when_set(closed) -> None:
+    """Ends the worker when the run is over, whoever still holds its DataLoader.
+
+    The DataLoader stops its workers when its iterator is freed. After an error in a worker (an unreadable image)
+    the error's traceback holds that iterator: it was freed only by the garbage collector, which runs the queues'
+    finalizers first, so its stop request never reached the workers; it then waited 5 s for each (40 s in one
+    Python session) and its SIGTERM is ignored here. The workers stayed alive meanwhile.
+    """
+    closed.wait()
+    os._exit(0)  # exit code 0: not a worker failure to the DataLoader
+
+
 class LoaderBatches(_BatchSource):
     """A folder dataset decoded by DataLoader workers, then moved to the device and transformed in batches."""
 
@@ -202,10 +221,11 @@ class LoaderBatches(_BatchSource):
         super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size, mixing)
         self.planned = _PlannedBatches()
         workers = dataloader_workers(num_workers)
+        self.closed = multiprocessing.Event()  # set by close(): the workers then exit
         self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                 worker_init_fn=functools.partial(_ignore_stop_signals, _training_process_leaving())
-                                 if workers > 0 else None,
+                                 worker_init_fn=functools.partial(_worker_init, _training_process_leaving(),
+                                                                  self.closed) if workers > 0 else None,
                                  # a worker that dies before its first batch must not leave us waiting forever
                                  timeout=300 if workers > 0 else 0)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -220,6 +240,11 @@ class LoaderBatches(_BatchSource):
             images = self.transform(images, indices, epoch)
             images, labels = self._mix(images, labels.to(self.device, non_blocking=True), epoch, index, global_size)
             yield Batch(images.contiguous(memory_format=self.memory_format), labels, global_size)
+
+    def close(self) -> None:
+        """Ends the worker processes, at the end of the run: the source is not read after this."""
+        self.closed.set()
+        self.loader = None
 
 
 def build_batches(split, batch_size: int, transform: BatchTransform, device, shuffle: bool, seed: int,

@@ -121,13 +121,17 @@ class Runner:
             folder = self._open_folder()
             cfg = with_output_dir(cfg, folder.path)
             with folder_in_use(folder, self.tee_streams):
+                data = None
                 try:
                     folder.write_config(cfg.dump())
-                    data, results = self.builder.evaluate_weights(cfg, device, num_gpus, self.model,
-                                                                     **self._data_objects())
+                    data = self.builder.build_data(cfg, device, **self._data_objects())
+                    results = self.builder.evaluate_weights(cfg, data, device, num_gpus, self.model)
                 except BaseException:
                     folder.discard_if_unused(started=False)
                     raise
+                finally:
+                    if data is not None:
+                        data.close()
                 self._record_evaluation(cfg, folder, device, num_gpus, data, results)
             return results
 
@@ -158,7 +162,7 @@ class Runner:
         # First, so that its delivery process imports MLflow while the run is being built (the store is untouched
         # until the run starts: a run refused before that leaves no trace in it).
         kind = "rerun" if "rerun_of" in self.tags else ""  # the start of the run's name
-        tracker = run = None
+        tracker = run = data = None
         try:
             tracker = self.builder.make_tracker(cfg, folder, kind) if tracks(cfg) else None
             resumed = find_resume_point(checkpointer, lambda saved, path: check_resume_config(cfg, saved, path)) \
@@ -167,7 +171,8 @@ class Runner:
             configure_reproducibility(cfg.SEED, cfg.TRAIN.DETERMINISTIC, device)
             if cfg.TRAIN.AMP and not autocast_runs_on(device, AMP_DTYPES[cfg.TRAIN.AMP_DTYPE]):
                 logger.info("TRAIN.AMP is on but the run is on the CPU: training in float32 (bfloat16 runs on the CPU)")
-            run = self._build(cfg, checkpointer, tracker, device, num_gpus)
+            data = self.builder.build_data(cfg, device, **self._data_objects())
+            run = self._build(cfg, data, checkpointer, tracker, device, num_gpus)
             previous_run = folder.previous_run_id(resumed) if resume else None  # a fresh run never re-attaches
             try:
                 run.run(resumed, previous_run)
@@ -181,10 +186,12 @@ class Runner:
             if tracker is not None:  # ended already if the run started; else its process ends here
                 tracker.close()
             raise
+        finally:
+            if data is not None:
+                data.close()  # its DataLoader workers end with the run, even where an error's traceback holds them
 
-    def _build(self, cfg, checkpointer, tracker, device, num_gpus) -> TrainingRun:
+    def _build(self, cfg, data, checkpointer, tracker, device, num_gpus) -> TrainingRun:
         builder = self.builder
-        data = builder.build_data(cfg, device, **self._data_objects())
         model = builder.build_model_for_training(cfg, device, num_gpus, model=self.model)
         weights = builder.build_weights(cfg, model)  # evaluated, saved and logged: the EMA's or the model's
         trainer = builder.build_trainer(cfg, model, data, device, tracker, checkpointer, self.hooks, self.loss,

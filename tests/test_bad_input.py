@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import isolated_training
@@ -22,6 +23,7 @@ from fault_utils import (
     runs_of,
     shared_reference_run,
     sqlite_uri,
+    wait_for,
 )
 from PIL import Image
 
@@ -196,11 +198,19 @@ def test_an_image_folder_without_images(train, earlier_run, tmp_path):
     assert earlier_run.untouched()
 
 
-def test_an_unreadable_image_is_named(train, earlier_run, tmp_path):
+def live_dataloader_workers() -> list[psutil.Process]:
+    return [child for child in psutil.Process().children()
+            if child.name() == "pt_data_worker" and child.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_an_unreadable_image_is_named_and_the_dataloader_workers_end_with_the_run(train, earlier_run, tmp_path):
     root = image_folder(tmp_path / "photos", broken="train/dog/2.png")
-    assert_one_error_line(train(*QUICK, *FOLDER, "DATA.ROOT", str(root)),
+    assert_one_error_line(train(*QUICK, *FOLDER, "DATA.ROOT", str(root), "DATA.NUM_WORKERS", "2"),
                           f"cannot read the image {root / 'train/dog/2.png'}", "remove or replace the file")
     assert earlier_run.untouched()
+    # As in a notebook, this process goes on: the workers must not wait for the error to be garbage-collected
+    # (which took 5 s per worker, and left them running until then).
+    wait_for(lambda: not live_dataloader_workers(), "the DataLoader workers to exit")
 
 
 # ---- weights and checkpoints --------------------------------------------------------------------------------------

@@ -97,6 +97,12 @@ class Data:
     val: object
     test: object | None
 
+    def close(self) -> None:
+        """Ends the sources' DataLoader workers (a DataLoader of the user's is theirs to keep)."""
+        for source in (self.train, self.val, self.test):
+            if hasattr(source, "close"):
+                source.close()
+
 
 def build_data(cfg, device, train_data=None, val_data=None) -> Data:
     """Datasets and batch sources for this process (its share of every global batch under DDP): of
@@ -279,14 +285,13 @@ def run_description(cfg, data: Data) -> str:
             f"batch {cfg.TRAIN.BATCH_SIZE}. Files: {cfg.OUTPUT_DIR}")
 
 
-def evaluate_weights(cfg, device, num_gpus: int, model=None, train_data=None, val_data=None):
-    """``--eval-only``: the data, and the evaluation of MODEL.WEIGHTS (into ``model`` when given) on EVAL.SPLIT."""
-    data = build_data(cfg, device, train_data, val_data)
+def evaluate_weights(cfg, data: Data, device, num_gpus: int, model=None) -> dict:
+    """``--eval-only``: the evaluation of MODEL.WEIGHTS (into ``model`` when given) on EVAL.SPLIT of ``data``."""
     batches = data.test if cfg.EVAL.SPLIT == "test" else data.val
     if batches is None:
         raise ConfigError(f"the {cfg.DATA.DATASET_TYPE} dataset has no test split; use EVAL.SPLIT val")
     model = module_to_evaluate(build_model_for_training(cfg, device, num_gpus, model))
-    return data, evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
+    return evaluate(model, batches, len(cfg.DATA.CLASSES), device, cfg.TRAIN.AMP,
                           AMP_DTYPES[cfg.TRAIN.AMP_DTYPE])
 
 
