@@ -28,7 +28,7 @@ for _name in MLFLOW_ENV:
 # has no core made an in-process training take 40 s instead of 4.
 torch.set_num_threads(1)
 # Temporary folders (pytest's tmp_path, and TMPDIR for the processes the tests start) in memory where the machine
-# has a tmpfs: the trainings fsync every checkpoint and every MLflow transaction, and with two workers' processes
+# has a tmpfs: the trainings fsync every checkpoint and every MLflow transaction, and with the workers' processes
 # writing at once those waits added up to tens of seconds of idle cores. The fsync calls are still made.
 if "TMPDIR" not in os.environ and os.access("/dev/shm", os.W_OK) and os.statvfs("/dev/shm").f_bavail * \
         os.statvfs("/dev/shm").f_frsize > 4 << 30:
