@@ -29,9 +29,12 @@ class SignalledWhileLoading(Dataset):
 def test_dataloader_workers_survive_the_stop_signals():
     batches = LoaderBatches(SignalledWhileLoading(), 4, BatchTransform([]), "cpu", shuffle=False, seed=0,
                             num_workers=2)
-    for epoch in (0, 1):  # the same (persistent) workers again
-        loaded_by = torch.cat([batch.labels for batch in batches.epoch(epoch)])
-        assert len(loaded_by) == 8 and os.getpid() not in loaded_by.tolist()
+    try:
+        for epoch in (0, 1):  # the same (persistent) workers again
+            loaded_by = torch.cat([batch.labels for batch in batches.epoch(epoch)])
+            assert len(loaded_by) == 8 and os.getpid() not in loaded_by.tolist()
+    finally:
+        batches.close()  # as a run does at its end (else the garbage collector waits 5 s for each worker)
 
 
 def image_folder(root, size=32, per_class=24):
