@@ -1,13 +1,19 @@
 """The MLflow delivery queue (engine/mlflow_delivery.py): metrics wait to fill a request, for at most ``max_delay``.
 
 Each request costs the store a fixed amount of work, so the queue sends few large ones; whoever needs the
-records now (``flush``, ``close``) gets them at once. Nothing is reordered.
+records now (``flush``, ``close``) gets them at once. Nothing is reordered. What nobody waits for is delivered at
+the lowest CPU priority, out of the training's way.
 """
 
+import os
+import sys
 import threading
 import time
 
-from engine.mlflow_delivery import MAX_METRICS_PER_REQUEST, DeliveryQueue
+import pytest
+from fault_utils import wait_for
+
+from engine.mlflow_delivery import MAX_METRICS_PER_REQUEST, DeliveryQueue, LowPriorityThread
 
 
 class Recorder:
@@ -91,3 +97,38 @@ def test_close_delivers_everything_left():
     assert queue.close(timeout=10)
     assert [len(batch) for batch in recorder.batches] == [7, 1]
     assert recorder.batches[-1] == [("status", "FINISHED")]
+
+
+def own_niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice value per thread is Linux's")
+def test_metrics_nobody_waits_for_go_at_the_lowest_priority_and_the_rest_at_normal_priority():
+    seen = []
+
+    def deliver(batch):
+        seen.append((batch[0][0], [item[3] for item in batch if item[0] == "metric"], own_niceness()))
+
+    def logged(step: int, seconds_ago: float = 0.0) -> tuple:
+        return "metric", "train_loss", 0.5, step, int((time.time() - seconds_ago) * 1000)
+
+    background = DeliveryQueue(deliver, max_delay=0.05, background=True, max_lag=20)
+    background.start()
+    background.extend([logged(1)])  # fresh, and nobody waits for it
+    wait_for(lambda: background.delivered == 1, "the fresh metric")
+    background.extend([logged(2, seconds_ago=60)])  # a minute late (a machine busy with other work)
+    wait_for(lambda: background.delivered == 2, "the late metric")
+    background.close(timeout=10)
+
+    asked = DeliveryQueue(deliver, max_delay=60, background=True)  # metrics wait, unless someone asks
+    asked.start()
+    asked.extend([logged(3)])
+    assert asked.flush(timeout=30)
+    asked.put(("status", "FINISHED"))
+    assert asked.flush(timeout=30)
+    asked.close(timeout=10)
+
+    normal = own_niceness()
+    assert seen == [("metric", [1], LowPriorityThread.NICENESS), ("metric", [2], normal), ("metric", [3], normal),
+                    ("status", [], normal)]

@@ -108,6 +108,9 @@ def print_costs(results: dict) -> None:
     print(f"  -> on the training thread per epoch  {on_thread * 1e3:7.1f} ms  = {on_thread / epoch:.1%} of the epoch")
     print(f"  delivery process CPU per epoch       {delivery * 1e3:7.1f} ms  = {delivery / epoch:.1%} of the epoch, "
           "another process (no GIL), competing with training for the cores where they are few")
+    if delivery == 0:
+        print("  warning: no metrics were delivered during the timed epochs (they wait up to 5 s or 1,000 values to "
+              "fill one request), so engine's images/s leave MLflow's cost out; time longer epochs (--images)")
 
 
 def print_weights_check(results: dict, tracked: str, untracked: str) -> None:
