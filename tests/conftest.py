@@ -105,7 +105,7 @@ def trained_digits_run(tmp_path_factory):
 # modules that start many processes or wait on clocks go out first and the short ones fill the gaps at the end.
 # The order is that of each module's measured wall time in a full run (--durations=0, summed by module):
 # test_resume (~90 s, mostly waiting on its killed processes and the shared reference run) first, so that its
-# waits overlap the CPU-bound torchrun launches of test_distributed on the other worker.
+# waits overlap the CPU-bound torchrun launches of test_distributed on another worker.
 LONGEST_MODULES = ["test_resume.py", "test_distributed.py", "test_mlflow_outage.py", "test_restart_commands.py",
                    "test_bad_input.py", "test_benchmark.py", "test_signals.py", "test_api.py", "test_ranks_agree.py",
                    "test_end_to_end.py", "test_model_logging.py", "test_recipe.py", "test_first_hour.py",
