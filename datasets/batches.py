@@ -11,6 +11,7 @@ per-class probabilities.
 """
 
 import atexit
+import ctypes
 import functools
 import math
 import multiprocessing
@@ -18,6 +19,7 @@ import multiprocessing.synchronize
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -162,6 +164,7 @@ def dataloader_workers(requested: int) -> int:
 # Ctrl+C, `kill`, and Slurm's time-limit warning: the stops the training process handles (engine/run.py).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _leaving: multiprocessing.synchronize.Event | None = None  # set when this process exits: workers may then stop
+CLOSED_POLL_S = 0.25  # how often a DataLoader worker looks whether its source was closed
 
 
 def _training_process_leaving() -> multiprocessing.synchronize.Event:
@@ -207,8 +210,13 @@ def _exit_when_set(closed) -> None:
     the error's traceback holds that iterator: it was freed only by the garbage collector, which runs the queues'
     finalizers first, so its stop request never reached the workers; it then waited 5 s for each (40 s in one
     Python session) and its SIGTERM is ignored here. The workers stayed alive meanwhile.
+
+    ``closed`` is a flag in shared memory, read every CLOSED_POLL_S: a ``multiprocessing.Event`` would make the
+    training process's ``set()`` wait forever for a worker that was killed while waiting on it (the out-of-memory
+    killer, a bus error when /dev/shm is full).
     """
-    closed.wait()
+    while not closed.value:
+        time.sleep(CLOSED_POLL_S)
     os._exit(0)  # exit code 0: not a worker failure to the DataLoader
 
 
@@ -221,7 +229,7 @@ class LoaderBatches(_BatchSource):
         super().__init__(len(dataset), batch_size, transform, device, shuffle, seed, rank, world_size, mixing)
         self.planned = _PlannedBatches()
         workers = dataloader_workers(num_workers)
-        self.closed = multiprocessing.Event()  # set by close(): the workers then exit
+        self.closed = multiprocessing.RawValue(ctypes.c_bool, False)  # set by close(): the workers then exit
         self.loader = DataLoader(_Indexed(dataset), batch_sampler=self.planned, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                                  worker_init_fn=functools.partial(_worker_init, _training_process_leaving(),
@@ -243,7 +251,7 @@ class LoaderBatches(_BatchSource):
 
     def close(self) -> None:
         """Ends the worker processes, at the end of the run: the source is not read after this."""
-        self.closed.set()
+        self.closed.value = True
         self.loader = None
 
 

@@ -4,9 +4,12 @@ step, checkpoints and ends the MLflow run KILLED, as it does with in-memory data
 
 import os
 import signal
+import threading
 
+import psutil
+import pytest
 import torch
-from fault_utils import Training, empty_store, load_weights, runs_of, wait_for_log
+from fault_utils import Training, empty_store, load_weights, runs_of, wait_for, wait_for_log
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -35,6 +38,32 @@ def test_dataloader_workers_survive_the_stop_signals():
             assert len(loaded_by) == 8 and os.getpid() not in loaded_by.tolist()
     finally:
         batches.close()  # as a run does at its end (else the garbage collector waits 5 s for each worker)
+
+
+class KilledWhileLoading(Dataset):
+    """The worker that loads item 5 is killed, as the out-of-memory killer or a bus error would."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        if index == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(1, 2, 2, dtype=torch.uint8), index
+
+
+def test_closing_a_source_whose_worker_was_killed_returns_and_ends_the_other_workers():
+    batches = LoaderBatches(KilledWhileLoading(), 4, BatchTransform([]), "cpu", shuffle=False, seed=0, num_workers=2)
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        for _ in batches.epoch(0):
+            pass
+    closing = threading.Thread(target=batches.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)  # a close() that waited for the killed worker would never return
+    assert not closing.is_alive()
+    wait_for(lambda: not [child for child in psutil.Process().children()
+                          if child.name() == "pt_data_worker" and child.status() != psutil.STATUS_ZOMBIE],
+             "the other worker to exit")
 
 
 def image_folder(root, size=32, per_class=24):
