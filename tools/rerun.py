@@ -1,9 +1,8 @@
 """``--rerun RUN_ID``: the config a logged MLflow run was trained with, to train it again."""
 
-import contextlib
-import os
 import tempfile
 
+from engine.mlflow_delivery import environment
 from engine.tracking import make_client, resolve_tracking_uri
 from ptengine.config import ConfigError, load_config
 from ptengine.config.setup import fill_derived_defaults, merge_opts, validate_config
@@ -34,19 +33,9 @@ def rerun_config(run_id: str, opts: list[str]):
     return cfg, {"rerun_of": run_id}
 
 
-@contextlib.contextmanager
 def _no_download_bar():
     """Without MLflow's "Downloading artifacts" bar for one small file: the first thing a rerun printed.
 
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is MLflow's public switch (mlflow.environment_variables); it is put back
     as it was, so the user's own setting holds for the rest of the run."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    saved = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
+    return environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
